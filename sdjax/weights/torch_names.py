@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -70,6 +71,8 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
                     what: str = "checkpoint", ignore: tuple[str, ...] = ()) -> None:
     """Copy a PyTorch-layout state dict into `module` in place, casting to each parameter's dtype.
 
+    `module` may be abstract (from `nnx.eval_shape`): its shapes and dtypes are all that is read.
+
     Every parameter must be present and every tensor under `prefix` used (keys ending with a name in
     `ignore` excepted, e.g. buffers such as `position_ids`); otherwise the error names the missing and
     unexpected tensors. A shape mismatch names the tensor and both shapes.
@@ -92,4 +95,4 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
             torch_shape = tuple(np.asarray(state_dict[prefix + key]).shape)
             expected = tuple(_to_torch_layout(path[-1], np.empty(current.shape, np.int8)).shape)
             raise ValueError(f"{what}: tensor {prefix + key} has shape {torch_shape}, the model expects {expected}")
-        var.set_value(np.asarray(value).astype(current.dtype))
+        var.set_value(jnp.asarray(np.asarray(value).astype(current.dtype)))

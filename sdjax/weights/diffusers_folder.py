@@ -1,0 +1,78 @@
+"""Files of a diffusers folder: one component's config and weights, read and written.
+
+A component folder (unet/, vae/, text_encoder/) holds `config.json` and its weights as
+`<name>.safetensors`, a sharded `<name>.safetensors.index.json`, an fp16 variant
+`<name>.fp16.safetensors`, or PyTorch pickles (`<name>.bin`, needs torch).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sdjax.weights.safetensors_io import read_safetensors, write_safetensors
+
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_LEGACY_BIN = {"model": "pytorch_model"}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def write_json(obj: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
+    """A PyTorch pickle (.bin / .ckpt) as numpy arrays; the only place sdjax imports torch."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch (pip install torch), "
+                          "or convert the checkpoint to .safetensors") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad pickle
+        raise ValueError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_weights(folder: Path, name: str) -> dict[str, np.ndarray]:
+    """The state dict of a component folder, whichever of the diffusers file layouts it uses."""
+    folder = Path(folder)
+    bin_name = _LEGACY_BIN.get(name, name)
+    for candidate in (f"{name}.safetensors", f"{name}.fp16.safetensors"):
+        if (folder / candidate).exists():
+            return read_safetensors(folder / candidate)
+    for index, reader in ((f"{name}.safetensors.index.json", read_safetensors),
+                          (f"{bin_name}.bin.index.json", read_torch_pickle)):
+        if (folder / index).exists():
+            shards = sorted(set(read_json(folder / index)["weight_map"].values()))
+            out = {}
+            for shard in shards:
+                out.update(reader(folder / shard))
+            return out
+    for candidate in (f"{bin_name}.bin", f"{bin_name}.fp16.bin"):
+        if (folder / candidate).exists():
+            return read_torch_pickle(folder / candidate)
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "folder missing"
+    raise FileNotFoundError(f"{folder}: no weights found (looked for {name}.safetensors, sharded, fp16 "
+                            f"and .bin variants); the folder holds {found}")
+
+
+def write_weights(state_dict: dict[str, np.ndarray], folder: Path, name: str) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state_dict, folder / f"{name}.safetensors", metadata={"format": "pt"})
