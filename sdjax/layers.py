@@ -1,8 +1,9 @@
 """Shared diffusers building blocks (NHWC), used by the UNet and the autoencoder.
 
 Owned by the UNet engineer; names mirror diffusers `models/resnet.py`, `downsampling.py`,
-`upsampling.py` exactly (ResnetBlock2D.{norm1,conv1,time_emb_proj,norm2,conv2,conv_shortcut},
-Downsample2D.conv, Upsample2D.conv), so `sdjax.weights.torch_names` maps them to diffusers keys.
+`upsampling.py`, `attention_processor.py` exactly (ResnetBlock2D.{norm1,conv1,time_emb_proj,norm2,conv2,
+conv_shortcut}, Downsample2D.conv, Upsample2D.conv, Attention.{group_norm,to_q,to_k,to_v,to_out.0}),
+so `sdjax.weights.torch_names` maps them to diffusers keys.
 Norms run in fp32 (like PyTorch autocast) and cast back to the compute dtype.
 """
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sdjax.attention import dot_product_attention
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                 "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)), "relu": jax.nn.relu}
@@ -38,6 +41,19 @@ class GroupNorm(nnx.GroupNorm):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(num_channels, num_groups=num_groups, epsilon=eps, dtype=jnp.float32,
                          param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+        self.out_dtype = dtype
+
+    def __call__(self, x):
+        return super().__call__(x.astype(jnp.float32)).astype(self.out_dtype)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """torch.nn.LayerNorm over the last axis: statistics in fp32, output in the compute dtype."""
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        super().__init__(num_features, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
+                         use_fast_variance=False, rngs=rngs)
         self.out_dtype = dtype
 
     def __call__(self, x):
@@ -114,3 +130,44 @@ class Upsample2D(nnx.Module):
 
     def __call__(self, x, output_size: tuple[int, int] | None = None):
         return self.conv(upsample_nearest(x, output_size))
+
+
+class Attention(nnx.Module):
+    """diffusers Attention with the default processor: multi-head (cross-)attention on (B, L, C) or NHWC input.
+
+    UNet transformer blocks: bias=False.  VAE mid-block: bias=True, norm_num_groups=..., residual_connection=True
+    (NHWC input is flattened to (B, H*W, C) and restored, as the diffusers processor does).
+    """
+
+    def __init__(self, query_dim: int, *, cross_attention_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 bias: bool = False, out_bias: bool = True, upcast_attention: bool = False,
+                 norm_num_groups: int | None = None, eps: float = 1e-5, residual_connection: bool = False,
+                 rescale_output_factor: float = 1.0, attention_impl: str = "auto", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner_dim, kv_dim = heads * dim_head, cross_attention_dim or query_dim
+        self.heads, self.upcast_attention, self.attention_impl = heads, upcast_attention, attention_impl
+        self.residual_connection, self.rescale_output_factor = residual_connection, rescale_output_factor
+        self.group_norm = (GroupNorm(norm_num_groups, query_dim, eps=eps, **kw) if norm_num_groups is not None
+                           else None)
+        self.to_q = nnx.Linear(query_dim, inner_dim, use_bias=bias, **kw)
+        self.to_k = nnx.Linear(kv_dim, inner_dim, use_bias=bias, **kw)
+        self.to_v = nnx.Linear(kv_dim, inner_dim, use_bias=bias, **kw)
+        self.to_out = nnx.List([nnx.Linear(inner_dim, query_dim, use_bias=out_bias, **kw)])  # to_out.1 is Dropout
+
+    def __call__(self, x, encoder_hidden_states=None):
+        residual, shape = x, x.shape
+        if x.ndim == 4:
+            x = x.reshape(shape[0], shape[1] * shape[2], shape[3])
+        if self.group_norm is not None:
+            x = self.group_norm(x)
+        context = x if encoder_hidden_states is None else encoder_hidden_states
+        B, L, S = x.shape[0], x.shape[1], context.shape[1]
+        q = self.to_q(x).reshape(B, L, self.heads, -1)
+        k = self.to_k(context).reshape(B, S, self.heads, -1)
+        v = self.to_v(context).reshape(B, S, self.heads, -1)
+        out = dot_product_attention(q, k, v, implementation=self.attention_impl, upcast=self.upcast_attention)
+        out = self.to_out[0](out.reshape(B, L, -1)).reshape(shape)
+        if self.residual_connection:
+            out = out + residual
+        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
