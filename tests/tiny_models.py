@@ -1,0 +1,133 @@
+"""Tiny random PyTorch reference models (diffusers / transformers) for parity and conversion tests.
+
+Every builder is deterministic (its own torch seed) and perturbs every parameter with noise, so
+zero-initialised biases and unit norm scales are non-trivial. The tiny models follow the SD
+conventions that cannot be read from tensors (see sdjax.weights.single_file): SD 1.x UNets use 8
+attention heads, SD 2.x UNets and both CLIP text encoders use a head dim of 64, GroupNorm has 32
+groups, and an SD 2.x text encoder has 23 layers (OpenCLIP's 24 minus the last, as in diffusers).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CLIP_HIDDEN = 128  # 2 heads of 64
+SD1_UNET = dict(block_out_channels=(32, 64, 64), attention_head_dim=8, use_linear_projection=False)
+SD2_UNET = dict(block_out_channels=(64, 128, 128), attention_head_dim=(1, 2, 2), use_linear_projection=True,
+                upcast_attention=True)
+SD2_TEXT_LAYERS = 23
+
+
+def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add deterministic Gaussian noise to every parameter, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return model.eval()
+
+
+def _unet(arch: dict, *, in_channels: int, sample_size: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CLIP_HIDDEN, norm_num_groups=32, **arch)
+    return perturb_(unet, seed)
+
+
+def tiny_unet_sd1(in_channels: int = 4):
+    """SD 1.x style: 8 heads, conv proj_in/proj_out, cross-attention dim = the tiny CLIP width."""
+    return _unet(SD1_UNET, in_channels=in_channels, sample_size=64, seed=1)
+
+
+def tiny_unet_sd2(in_channels: int = 4):
+    """SD 2.x style: head dim 64 (per-block head counts), linear proj_in/proj_out, attention upcast."""
+    return _unet(SD2_UNET, in_channels=in_channels, sample_size=96 if in_channels == 4 else 64, seed=2)
+
+
+def tiny_unet_inpaint(family: str = "sd1"):
+    """The 9-channel inpainting UNet (latents + mask + masked-image latents)."""
+    return tiny_unet_sd1(in_channels=9) if family == "sd1" else tiny_unet_sd2(in_channels=9)
+
+
+def tiny_vae(sample_size: int = 512):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=sample_size, scaling_factor=0.18215)
+    return perturb_(vae, 3)
+
+
+def tiny_clip(hidden_act: str = "quick_gelu", num_hidden_layers: int | None = None, vocab_size: int | None = None):
+    """transformers CLIPTextModel; quick_gelu is OpenAI CLIP (SD 1.x), gelu is OpenCLIP (SD 2.x)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if num_hidden_layers is None:
+        num_hidden_layers = SD2_TEXT_LAYERS if hidden_act == "gelu" else 2
+    config = CLIPTextConfig(
+        vocab_size=vocab_size or len(tiny_vocab()), hidden_size=CLIP_HIDDEN, intermediate_size=256,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=CLIP_HIDDEN // 64, max_position_embeddings=77,
+        hidden_act=hidden_act, projection_dim=CLIP_HIDDEN, layer_norm_eps=1e-5,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(4)
+    return perturb_(CLIPTextModel(config), 4 if hidden_act == "quick_gelu" else 5)
+
+
+def tiny_vocab() -> list[str]:
+    """A byte-level BPE vocabulary: letters, digits and a little punctuation, a few merges, CLIP's specials last."""
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789!,.")
+    merged = ["th", "the</w>", "ca", "cat</w>", "do", "dog</w>"]
+    return chars + [c + "</w>" for c in chars] + merged + ["<|startoftext|>", "<|endoftext|>"]
+
+
+def tiny_tokenizer_files(folder) -> Path:
+    """Write vocab.json and merges.txt for a tiny CLIP tokenizer into `folder`; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tiny_vocab())}))
+    merges = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>"]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def tiny_tokenizer(folder, family: str = "sd1"):
+    """transformers CLIPTokenizer over the tiny vocabulary (SD 2.x pads with "!", SD 1.x with <|endoftext|>)."""
+    from transformers import CLIPTokenizer
+
+    folder = tiny_tokenizer_files(folder)
+    return CLIPTokenizer.from_pretrained(str(folder), pad_token="!" if family == "sd2" else "<|endoftext|>")
+
+
+def tiny_pipeline(tmp, family: str = "sd1", inpaint: bool = False):
+    """A StableDiffusionPipeline of tiny random models (no safety checker)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
+    in_channels = 9 if inpaint else 4
+    unet = tiny_unet_sd1(in_channels) if family == "sd1" else tiny_unet_sd2(in_channels)
+    vae = tiny_vae(768 if family == "sd2" and not inpaint else 512)
+    text_encoder = tiny_clip("quick_gelu" if family == "sd1" else "gelu")
+    tokenizer = tiny_tokenizer(Path(tmp) / "tokenizer_files", family)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False) -> Path:
+    """Save a tiny StableDiffusionPipeline as a diffusers folder under `tmp`; returns its path."""
+    path = Path(tmp) / f"tiny-{family}{'-inpaint' if inpaint else ''}"
+    tiny_pipeline(tmp, family, inpaint).save_pretrained(str(path), safe_serialization=True)
+    return path
