@@ -1,0 +1,169 @@
+"""load_pretrained / save_pretrained / save_single_file: real Stable Diffusion checkpoints in and out.
+
+Two on-disk layouts are understood:
+  * a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/);
+  * a single CompVis / A1111 file (.safetensors or .ckpt), whose architecture is read off its tensors.
+Either becomes a `StableDiffusion` of NNX modules; both can be written back.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sdjax import variants
+from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from sdjax.clip import CLIPTextConfig, CLIPTextEncoder, strip_text_model_prefix
+from sdjax.pipeline import StableDiffusion
+from sdjax.tokenizer import default_tokenizer, load_tokenizer
+from sdjax.unet import UNet2DConditionModel, UNetConfig
+from sdjax.weights import diffusers_folder as df
+from sdjax.weights import single_file
+from sdjax.weights.torch_names import load_state_dict, to_state_dict
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+_TEXT_ENCODER_BUFFERS = ("position_ids",)
+
+
+def _build(cls, config, state_dict, *, what: str, ignore=(), **kwargs):
+    """An NNX module of `cls` holding `state_dict`, without ever materialising random weights."""
+    module = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **kwargs))
+    load_state_dict(module, state_dict, what=what, ignore=ignore)
+    return module
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+                    attention_impl: str = "auto", prediction_type: str | None = None) -> StableDiffusion:
+    """Load a Stable Diffusion 1.x / 2.x checkpoint: a diffusers folder or a single CompVis file.
+
+    dtype: compute dtype, and the parameter dtype unless `param_dtype` is given (fp32 params with
+    bf16 compute: `dtype=jnp.bfloat16, param_dtype=jnp.float32`).
+    prediction_type: overrides the scheduler's ("epsilon" | "v_prediction" | "sample"); single files
+    do not record it, so SD 2.x files default to v_prediction (the 768 px models) with a warning.
+    """
+    path = Path(path)
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention_impl=attention_impl)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ValueError(f"{path} is a folder without model_index.json: not a diffusers Stable Diffusion "
+                             f"folder (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        pipe = _load_diffusers_folder(path, **kwargs)
+    elif path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        pipe = _load_single_file(path, prediction_type=prediction_type, **kwargs)
+    elif not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a diffusers folder or a .safetensors/.ckpt file")
+    else:
+        raise ValueError(f"{path} is neither a diffusers folder (model_index.json) nor a single-file "
+                         f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
+    if prediction_type is not None:
+        pipe.scheduler_config["prediction_type"] = prediction_type
+    return pipe
+
+
+def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
+    index = df.read_json(path / "model_index.json")
+    for part in ("unet", "vae", "text_encoder"):
+        if part not in index:
+            raise ValueError(f"{path}/model_index.json names no {part!r}: not a Stable Diffusion pipeline "
+                             f"(found {sorted(k for k in index if not k.startswith('_'))})")
+    unet_cfg = UNetConfig.from_diffusers(df.read_json(path / "unet" / "config.json"))
+    vae_cfg = AutoencoderKLConfig.from_diffusers(df.read_json(path / "vae" / "config.json"))
+    text_cfg = CLIPTextConfig.from_transformers(df.read_json(path / "text_encoder" / "config.json"))
+    unet = _build(UNet2DConditionModel, unet_cfg, df.read_weights(path / "unet", df.WEIGHT_NAMES["unet"]),
+                  what=f"{path}/unet", **kwargs)
+    vae = _build(AutoencoderKL, vae_cfg, df.read_weights(path / "vae", df.WEIGHT_NAMES["vae"]),
+                 what=f"{path}/vae", **kwargs)
+    text_encoder = _build(CLIPTextEncoder, text_cfg,
+                          strip_text_model_prefix(df.read_weights(path / "text_encoder", df.WEIGHT_NAMES["text_encoder"])),
+                          what=f"{path}/text_encoder", ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
+    if (path / "tokenizer" / "vocab.json").exists():
+        tokenizer = load_tokenizer(path / "tokenizer")
+    else:
+        log.warning("%s has no tokenizer/ files; using the built-in CLIP tokenizer", path)
+        tokenizer = default_tokenizer(pad_token_id=text_cfg.pad_token_id if text_cfg.hidden_act == "gelu" else 49407)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if sched_file.exists():
+        scheduler_config = df.read_json(sched_file)
+    else:
+        family = "sd2" if text_cfg.hidden_act == "gelu" else "sd1"
+        log.warning("%s has no scheduler/scheduler_config.json; using the %s default", path, family)
+        scheduler_config = copy.deepcopy(variants.SCHEDULERS[family])
+    return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
+
+
+def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> StableDiffusion:
+    state_dict = single_file.read_checkpoint(path)
+    info = single_file.detect(state_dict)
+    unet_sd, vae_sd, text_sd = single_file.to_diffusers(state_dict, info)
+    unet_cfg = UNetConfig.from_diffusers(single_file.unet_config_dict(info))
+    vae_cfg = AutoencoderKLConfig.from_diffusers(single_file.vae_config_dict(info))
+    text_cfg = CLIPTextConfig.from_transformers(single_file.text_config_dict(info))
+    unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, what=f"{path} (UNet)", **kwargs)
+    vae = _build(AutoencoderKL, vae_cfg, vae_sd, what=f"{path} (VAE)", **kwargs)
+    text_encoder = _build(CLIPTextEncoder, text_cfg, strip_text_model_prefix(text_sd), what=f"{path} (text encoder)",
+                          ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
+    scheduler_config = copy.deepcopy(variants.SCHEDULERS[info.family])
+    if info.family == "sd2" and prediction_type is None:
+        log.warning("%s: single files do not record the prediction type; assuming v_prediction (SD 2.x 768). "
+                    "Pass prediction_type='epsilon' for SD 2.x 512-base models.", path)
+    tokenizer = default_tokenizer(pad_token_id=0 if info.family == "sd2" else 49407)
+    return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
+
+
+def _state_dicts(pipe: StableDiffusion, dtype):
+    def cast(sd):
+        return {k: v.astype(dtype) for k, v in sd.items()} if dtype is not None else sd
+    # text_model.*: the key layout of every released SD text encoder (transformers 4 and 5 both load it)
+    return (cast(to_state_dict(pipe.unet)), cast(to_state_dict(pipe.vae)),
+            cast(to_state_dict(pipe.text_encoder, prefix="text_model.")))
+
+
+def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=None) -> Path:
+    """Write `pipe` as a diffusers folder that diffusers' `StableDiffusionPipeline.from_pretrained` loads.
+
+    dtype: numpy dtype for the stored weights (default: the parameters' own dtype).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype)
+    df.write_weights(unet_sd, folder / "unet", df.WEIGHT_NAMES["unet"])
+    df.write_json(pipe.unet.config.to_diffusers(), folder / "unet" / "config.json")
+    df.write_weights(vae_sd, folder / "vae", df.WEIGHT_NAMES["vae"])
+    df.write_json(pipe.vae.config.to_diffusers(), folder / "vae" / "config.json")
+    df.write_weights(text_sd, folder / "text_encoder", df.WEIGHT_NAMES["text_encoder"])
+    df.write_json(pipe.text_encoder.config.to_transformers(), folder / "text_encoder" / "config.json")
+    pipe.tokenizer.save(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    df.write_json(pipe.scheduler_config, folder / "scheduler" / "scheduler_config.json")
+    df.write_json({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "PNDMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }, folder / "model_index.json")
+    return folder
+
+
+def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=None) -> Path:
+    """Write `pipe` as one CompVis-layout .safetensors file (A1111, ComfyUI, diffusers' from_single_file)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: save_single_file writes .safetensors only (pickled .ckpt is unsafe to share)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype)
+    info = single_file.info_from_configs(pipe.unet.config.to_diffusers(), pipe.vae.config.to_diffusers(),
+                                         pipe.text_encoder.config.to_transformers())
+    single_file.write_checkpoint(single_file.from_diffusers(unet_sd, vae_sd, text_sd, info), path)
+    return path

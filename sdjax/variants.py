@@ -1,0 +1,66 @@
+"""Named Stable Diffusion architectures: which CLIP, UNet, VAE and scheduler make up each variant.
+
+    sd15          SD 1.x (CLIP ViT-L/14, 512 px, epsilon)
+    sd15_inpaint  SD 1.5 inpainting (9-channel UNet)
+    sd21_base     SD 2.x 512 px base (OpenCLIP ViT-H text tower, epsilon)
+    sd21          SD 2.x 768 px (v_prediction)
+    tiny*         a few-hundred-thousand-parameter SD for tests and CPU demos
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from sdjax import autoencoder, clip, unet
+
+_SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+# The scheduler_config.json each family ships with (SD 1.5: PNDM; SD 2.1: DDIM, v-prediction).
+SCHEDULERS = {
+    "sd1": dict(_SD_SCHEDULER),
+    "sd2": dict(_SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    text_encoder: clip.CLIPTextConfig
+    unet: unet.UNetConfig
+    vae: autoencoder.AutoencoderKLConfig
+    scheduler: dict
+
+    def build(self, *, seed: int = 0, **kwargs):
+        """Randomly initialised (text_encoder, unet, vae); kwargs: dtype, param_dtype, attention_impl."""
+        rngs = nnx.Rngs(seed)
+        return (clip.CLIPTextEncoder(self.text_encoder, rngs=rngs, **kwargs),
+                unet.UNet2DConditionModel(self.unet, rngs=rngs, **kwargs),
+                autoencoder.AutoencoderKL(self.vae, rngs=rngs, **kwargs))
+
+
+VARIANTS = {
+    "sd15": Variant(clip.VARIANTS["sd15"], unet.VARIANTS["sd15"], autoencoder.VARIANTS["sd"], SCHEDULERS["sd1"]),
+    "sd15_inpaint": Variant(clip.VARIANTS["sd15"], unet.VARIANTS["sd15_inpaint"], autoencoder.VARIANTS["sd"],
+                            SCHEDULERS["sd1"]),
+    "sd21_base": Variant(clip.VARIANTS["sd21"], unet.VARIANTS["sd21_base"], autoencoder.VARIANTS["sd"],
+                         dict(SCHEDULERS["sd2"], prediction_type="epsilon")),
+    "sd21": Variant(clip.VARIANTS["sd21"], unet.VARIANTS["sd21"], autoencoder.VARIANTS["sd"], SCHEDULERS["sd2"]),
+    "tiny": Variant(clip.VARIANTS["tiny"], unet.VARIANTS["tiny"], autoencoder.VARIANTS["tiny"], SCHEDULERS["sd1"]),
+}
+
+
+def get(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
