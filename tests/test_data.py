@@ -262,6 +262,10 @@ def test_iterate_batches_resumes_exactly():
     assert [b[1] for b in other] != [b[1] for b in full[:3]]
     ordered = _collect(iterate_batches(ds, 4, seed=5, num_steps=3, shuffle=False, preprocess=prep))
     assert [i for b in ordered for i in b[1]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    same = _ListDataset(1)  # one 16x80 image seen 32 times: 65 crops x 2 flips, each sample its own draw
+    same.items[0]["image"] = np.random.default_rng(0).integers(0, 256, (16, 80, 3), dtype=np.uint8)
+    images = np.concatenate([b[3] for b in _collect(iterate_batches(same, 4, seed=5, num_steps=8, preprocess=prep))])
+    assert len({x.tobytes() for x in images}) > 20
     threaded = _collect(iterate_batches(ds, 4, seed=5, num_steps=8, preprocess=prep, num_threads=2))
     for a, b in zip(full, threaded, strict=True):
         assert a[:3] == b[:3]
