@@ -68,6 +68,11 @@ class CLIPTextConfig:
             raise ValueError(f"CLIPTextConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
 
+    @property
+    def family(self) -> str:
+        """"sd1" (OpenAI CLIP ViT-L, quick_gelu) or "sd2" (OpenCLIP ViT-H, gelu)."""
+        return "sd2" if self.hidden_act == "gelu" else "sd1"
+
     @classmethod
     def from_transformers(cls, d: dict) -> "CLIPTextConfig":
         """From a text_encoder/config.json (a CLIPTextModel's, or a CLIPModel's `text_config`)."""

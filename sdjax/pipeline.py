@@ -23,7 +23,7 @@ class StableDiffusion:
     @property
     def family(self) -> str:
         """"sd1" or "sd2", from the text encoder (SD 2.x uses OpenCLIP ViT-H, 1024 wide, gelu)."""
-        return "sd2" if self.text_encoder.config.hidden_act == "gelu" else "sd1"
+        return self.text_encoder.config.family
 
     @property
     def prediction_type(self) -> str:

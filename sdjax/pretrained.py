@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sdjax import variants
 from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from sdjax.clip import CLIPTextConfig, CLIPTextEncoder, strip_text_model_prefix
 from sdjax.pipeline import StableDiffusion
-from sdjax.tokenizer import default_tokenizer, load_tokenizer
+from sdjax.tokenizer import default_tokenizer, has_tokenizer_files, load_tokenizer
 from sdjax.unet import UNet2DConditionModel, UNetConfig
 from sdjax.weights import diffusers_folder as df
 from sdjax.weights import single_file
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _TEXT_ENCODER_BUFFERS = ("position_ids",)
+_PAD_IDS = {"sd1": 49407, "sd2": 0}  # SD 1.x pads prompts with <|endoftext|>, SD 2.x with "!"
 
 
 def _build(cls, config, state_dict, *, what: str, ignore=(), **kwargs):
@@ -82,18 +84,17 @@ def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
     text_encoder = _build(CLIPTextEncoder, text_cfg,
                           strip_text_model_prefix(df.read_weights(path / "text_encoder", df.WEIGHT_NAMES["text_encoder"])),
                           what=f"{path}/text_encoder", ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
-    if (path / "tokenizer" / "vocab.json").exists():
+    if has_tokenizer_files(path / "tokenizer"):
         tokenizer = load_tokenizer(path / "tokenizer")
     else:
         log.warning("%s has no tokenizer/ files; using the built-in CLIP tokenizer", path)
-        tokenizer = default_tokenizer(pad_token_id=text_cfg.pad_token_id if text_cfg.hidden_act == "gelu" else 49407)
+        tokenizer = default_tokenizer(pad_token_id=_PAD_IDS[text_cfg.family])
     sched_file = path / "scheduler" / "scheduler_config.json"
     if sched_file.exists():
         scheduler_config = df.read_json(sched_file)
     else:
-        family = "sd2" if text_cfg.hidden_act == "gelu" else "sd1"
-        log.warning("%s has no scheduler/scheduler_config.json; using the %s default", path, family)
-        scheduler_config = copy.deepcopy(variants.SCHEDULERS[family])
+        log.warning("%s has no scheduler/scheduler_config.json; using the %s default", path, text_cfg.family)
+        scheduler_config = copy.deepcopy(variants.SCHEDULERS[text_cfg.family])
     return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
 
 
@@ -112,7 +113,7 @@ def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> S
     if info.family == "sd2" and prediction_type is None:
         log.warning("%s: single files do not record the prediction type; assuming v_prediction (SD 2.x 768). "
                     "Pass prediction_type='epsilon' for SD 2.x 512-base models.", path)
-    tokenizer = default_tokenizer(pad_token_id=0 if info.family == "sd2" else 49407)
+    tokenizer = default_tokenizer(pad_token_id=_PAD_IDS[info.family])
     return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
 
 
@@ -157,7 +158,10 @@ def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=N
 
 
 def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=None) -> Path:
-    """Write `pipe` as one CompVis-layout .safetensors file (A1111, ComfyUI, diffusers' from_single_file)."""
+    """Write `pipe` as one CompVis-layout .safetensors file (A1111, ComfyUI, diffusers' from_single_file).
+
+    dtype: float32, float16 or bfloat16 for the stored weights (default: the parameters' own dtype).
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: save_single_file writes .safetensors only (pickled .ckpt is unsafe to share)")
@@ -165,5 +169,6 @@ def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=No
     unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype)
     info = single_file.info_from_configs(pipe.unet.config.to_diffusers(), pipe.vae.config.to_diffusers(),
                                          pipe.text_encoder.config.to_transformers())
-    single_file.write_checkpoint(single_file.from_diffusers(unet_sd, vae_sd, text_sd, info), path)
+    stored = np.dtype(dtype).name if dtype is not None else np.asarray(unet_sd["conv_in.weight"]).dtype.name
+    single_file.write_checkpoint(single_file.from_diffusers(unet_sd, vae_sd, text_sd, info), path, dtype=stored)
     return path

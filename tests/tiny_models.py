@@ -74,7 +74,7 @@ def tiny_clip(hidden_act: str = "quick_gelu", num_hidden_layers: int | None = No
     if num_hidden_layers is None:
         num_hidden_layers = SD2_TEXT_LAYERS if hidden_act == "gelu" else 2
     config = CLIPTextConfig(
-        vocab_size=vocab_size or len(tiny_vocab()), hidden_size=CLIP_HIDDEN, intermediate_size=256,
+        vocab_size=vocab_size or 49408, hidden_size=CLIP_HIDDEN, intermediate_size=256,
         num_hidden_layers=num_hidden_layers, num_attention_heads=CLIP_HIDDEN // 64, max_position_embeddings=77,
         hidden_act=hidden_act, projection_dim=CLIP_HIDDEN, layer_norm_eps=1e-5,
         bos_token_id=0, eos_token_id=2, pad_token_id=1)
@@ -82,25 +82,16 @@ def tiny_clip(hidden_act: str = "quick_gelu", num_hidden_layers: int | None = No
     return perturb_(CLIPTextModel(config), 4 if hidden_act == "quick_gelu" else 5)
 
 
-def tiny_vocab() -> list[str]:
-    """A byte-level BPE vocabulary: letters, digits and a little punctuation, a few merges, CLIP's specials last."""
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789!,.")
-    merged = ["th", "the</w>", "ca", "cat</w>", "do", "dog</w>"]
-    return chars + [c + "</w>" for c in chars] + merged + ["<|startoftext|>", "<|endoftext|>"]
-
-
 def tiny_tokenizer_files(folder) -> Path:
-    """Write vocab.json and merges.txt for a tiny CLIP tokenizer into `folder`; returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tiny_vocab())}))
-    merges = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>"]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
+    """Write the real CLIP vocab.json and merges.txt (from the built-in tokenizer) into `folder`; returns it."""
+    from sdjax.tokenizer import default_tokenizer
+
+    default_tokenizer().save(folder)
+    return Path(folder)
 
 
 def tiny_tokenizer(folder, family: str = "sd1"):
-    """transformers CLIPTokenizer over the tiny vocabulary (SD 2.x pads with "!", SD 1.x with <|endoftext|>)."""
+    """transformers CLIPTokenizer on the real CLIP vocabulary (SD 2.x pads with "!", SD 1.x with <|endoftext|>)."""
     from transformers import CLIPTokenizer
 
     folder = tiny_tokenizer_files(folder)
