@@ -1,0 +1,213 @@
+"""The CLIP BPE tokenizer, padded and truncated the way Stable Diffusion does it.
+
+`pipe.tokenizer(prompts)` gives an int32 (B, 77) array: BOS, up to 75 text tokens, EOS, then the
+checkpoint's pad id (SD 1.x pads with "<|endoftext|>" = 49407, the SD 2.x tokenizer with "!" = 0).
+
+Two backends give the same ids:
+  * `load_tokenizer(folder)`: transformers' CLIPTokenizer on a checkpoint's tokenizer/ files;
+  * `default_tokenizer()`: the offline fallback for single-file checkpoints, instant_clip_tokenizer
+    (a Rust port of OpenAI's tokenizer) behind transformers' text cleanup (NFC; it lowercases itself).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import os
+import re
+import unicodedata
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+MODEL_MAX_LENGTH = 77
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+BOS_ID, EOS_ID = 49406, 49407
+VOCAB_SIZE = 49408
+N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894 merges of OpenAI's bpe_simple_vocab_16e6.txt are used
+_BPE_HEADER = b"#version: 0.2\n"
+_OWN_MARKERS = re.compile(r"(?<=<)(?=(?:start|end)_of_text>)")
+
+
+class CLIPTokenizer:
+    """prompts -> (B, 77) int32 ids. `encode(texts)` gives each text's ids without BOS/EOS.
+
+    `vocab_and_merges()` returns (token -> id dict, list of "a b" merge lines) for `save`.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], list[list[int]]], *, pad_token_id: int,
+                 vocab_and_merges: Callable[[], tuple[dict[str, int], list[str]]],
+                 model_max_length: int = MODEL_MAX_LENGTH, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID):
+        self.encode = encode
+        self.vocab_and_merges = vocab_and_merges
+        self.pad_token_id = pad_token_id
+        self.model_max_length = model_max_length
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        keep = self.model_max_length - 2
+        out = np.full((len(prompts), self.model_max_length), self.pad_token_id, np.int32)
+        for row, (prompt, ids) in enumerate(zip(prompts, self.encode(prompts))):
+            if len(ids) > keep:
+                warnings.warn(f"prompt truncated: {len(ids) - keep} of its {len(ids)} tokens were dropped "
+                              f"(CLIP reads at most {keep} tokens): {prompt[:60]!r}...", stacklevel=2)
+                ids = ids[:keep]
+            out[row, :len(ids) + 2] = [self.bos_token_id, *ids, self.eos_token_id]
+        return out
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (transformers' layout)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab, merges = self.vocab_and_merges()
+        id_to_token = {i: t for t, i in vocab.items()}
+        special = {"bos_token": id_to_token[self.bos_token_id], "eos_token": id_to_token[self.eos_token_id],
+                   "unk_token": EOS, "pad_token": id_to_token[self.pad_token_id]}
+        config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=self.model_max_length,
+                      do_lower_case=True, add_prefix_space=False, errors="replace")
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a CLIP tokenizer: vocab.json + merges.txt, or a tokenizers tokenizer.json."""
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or all((folder / n).is_file() for n in ("vocab.json", "merges.txt"))
+
+
+def _read_vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[str]]:
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges = [line for line in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:] if line]
+        return vocab, merges
+    model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    # tokenizers writes merges as ["a", "b"] pairs (>= 0.20) or "a b" strings (older)
+    return model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+
+
+def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+    """transformers' CLIPTokenizer on a checkpoint's tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json)."""
+    import transformers
+
+    folder = Path(folder)
+    if not has_tokenizer_files(folder):
+        raise FileNotFoundError(f"{folder} has no vocab.json + merges.txt nor tokenizer.json: not a CLIP tokenizer "
+                                "folder")
+    hf = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    vocab, merges = _read_vocab_and_merges(folder)
+
+    def encode(texts):
+        # Untruncated, without BOS/EOS: CLIPTokenizer.__call__ truncates and warns; the long-text warning
+        # transformers logs is redundant with ours.
+        return hf(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    pad = hf.pad_token_id if hf.pad_token_id is not None else EOS_ID
+    return CLIPTokenizer(encode, pad_token_id=pad, vocab_and_merges=lambda: (vocab, merges),
+                         bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)
+
+
+def default_tokenizer(pad_token_id: int = EOS_ID) -> CLIPTokenizer:
+    """The built-in CLIP tokenizer (no files needed): instant_clip_tokenizer with transformers' cleanup.
+
+    As in transformers, the special tokens (BOS, EOS and the pad token) are matched in the raw text first and
+    each piece between them is encoded on its own: with SD 2.x's pad token "!" (id 0), every "!" of a prompt
+    becomes id 0 instead of being merged by the BPE ("!!!" -> 0 0 0, not 995), exactly as diffusers' pipelines
+    tokenize it.
+    """
+    import instant_clip_tokenizer
+
+    if not 0 <= pad_token_id < VOCAB_SIZE:
+        raise ValueError(f"pad_token_id={pad_token_id} is not a CLIP token id (0 <= id < {VOCAB_SIZE}); "
+                         f"SD 1.x pads with {EOS_ID} ({EOS}), SD 2.x with 0 (\"!\")")
+    tok = instant_clip_tokenizer.Tokenizer()
+    special = {BOS: BOS_ID, EOS: EOS_ID}
+    if pad_token_id not in special.values():
+        special[{i: t for t, i in clip_vocab_and_merges()[0].items()}[pad_token_id]] = pad_token_id
+    # Longest first, as transformers' leftmost-longest match of added tokens.
+    splitter = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
+
+    def encode_one(text: str) -> list[int]:
+        ids: list[int] = []
+        for k, piece in enumerate(splitter.split(text)):  # odd pieces are the special tokens themselves
+            if k % 2:
+                ids.append(special[piece])
+            else:
+                ids.extend(i for chunk in _clean(piece) for i in tok.encode(chunk))
+        return ids
+
+    return CLIPTokenizer(lambda texts: [encode_one(t) for t in texts], pad_token_id=pad_token_id,
+                         vocab_and_merges=clip_vocab_and_merges)
+
+
+def _clean(text: str) -> list[str]:
+    """transformers' CLIP normalizer, NFC then lowercase char by char ("ΣΑΣ" -> "σασ", no final sigma);
+    its whitespace collapse is a no-op once the pre-tokenizer drops whitespace.
+
+    Returned as chunks: instant_clip_tokenizer reads "<start_of_text>" / "<end_of_text>" as markers, so the
+    text is cut after their "<", where the pre-tokenizer splits anyway.
+    """
+    return _OWN_MARKERS.split("".join(map(str.lower, unicodedata.normalize("NFC", text))))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI / GPT-2's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def vocab_from_merges(merges: list[str]) -> dict[str, int]:
+    """CLIP's vocabulary exactly as OpenAI builds it: bytes, bytes + "</w>", the merges, BOS, EOS."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def _bpe_text_sources():
+    """Where OpenAI's bpe_simple_vocab_16e6.txt can be read offline, best first."""
+    spec = importlib.util.find_spec("instant_clip_tokenizer")
+    if spec is not None and spec.submodule_search_locations:
+        # The compiled module embeds the file verbatim (Rust include_str!).
+        for path in sorted(Path(spec.submodule_search_locations[0]).glob("instant_clip_tokenizer*")):
+            if path.suffix in (".so", ".pyd"):
+                yield str(path), lambda path=path: path.read_bytes()
+    spec = importlib.util.find_spec("open_clip")  # open-clip-torch ships it gzipped; not imported
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+        if path.is_file():
+            yield str(path), lambda path=path: gzip.decompress(path.read_bytes())
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocab.json and merges.txt contents, read from OpenAI's BPE file shipped inside an installed package."""
+    for where, read in _bpe_text_sources():
+        data = read()
+        start = data.find(_BPE_HEADER)
+        if start < 0:
+            continue
+        lines = data[start + len(_BPE_HEADER):].split(b"\n", N_MERGES)[:N_MERGES]
+        try:
+            merges = [line.decode("utf-8") for line in lines]
+        except UnicodeDecodeError:
+            continue
+        if len(merges) == N_MERGES and all(len(m.split(" ")) == 2 for m in merges):
+            vocab = vocab_from_merges(merges)
+            if len(vocab) == VOCAB_SIZE:
+                return vocab, merges
+        warnings.warn(f"{where} does not hold a readable CLIP BPE vocabulary")
+    raise RuntimeError("cannot find CLIP's BPE vocabulary (OpenAI's bpe_simple_vocab_16e6.txt) to write "
+                       "vocab.json / merges.txt: install instant-clip-tokenizer or open-clip-torch")
