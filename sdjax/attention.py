@@ -44,4 +44,11 @@ def dot_product_attention(q, k, v, *, implementation: str = "auto", is_causal: b
         implementation = "cudnn" if _cudnn_usable(q, k) else "einsum"
     if implementation == "einsum":
         return _einsum_attention(q, k, v, scale=scale, is_causal=is_causal, upcast=upcast)
+    if implementation == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU (the backend is "
+                             f"{jax.default_backend()!r}); use 'auto', 'xla' or 'einsum'")
+        if q.dtype not in (jnp.float16, jnp.bfloat16):
+            raise ValueError(f"attention implementation 'cudnn' needs float16/bfloat16 inputs, got {q.dtype}; "
+                             "compute in bf16 (dtype=jnp.bfloat16) or use 'auto', 'xla' or 'einsum'")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, implementation=implementation)
