@@ -1,0 +1,182 @@
+"""Checkpoints in the work directory (orbax), preemption, and the trained model out (export).
+
+    ckpt = Checkpointer(workdir, keep=3, async_save=True)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_state)      # ShapeDtypeStructs carrying their shardings
+    ckpt.save(step, state, meta)                        # asynchronous; ckpt.close() waits
+
+A checkpoint holds the whole train state pytree (params, optimizer state, EMA, step, RNG key) plus a
+JSON `meta` (data position, optimizer step, config) so a restarted run continues exactly. Start-up
+order (train.py): resume from the workdir's latest checkpoint; else `init_from` a pretrained model;
+else a fresh initialisation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """An orbax CheckpointManager under `workdir/checkpoints` keeping the last `keep` checkpoints."""
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Start saving `state` at `step` (returns once the arrays are copied off the devices)."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, meta) of checkpoint `step` (default: the latest), placed as `abstract_state` says."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (the restore target)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (a preemption notice) into a flag the train loop polls between steps.
+
+    With several processes, `should_stop()` is true on all of them as soon as one got the signal, so
+    they all save the same step and exit together.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.received = False
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        log.warning("received signal %d: saving a checkpoint and stopping after this step", signum)
+        self.received = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.received, np.int32))
+        return bool(np.any(flags))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export: diffusers folder, single file, VAE folder
+# ---------------------------------------------------------------------------------------------------------
+
+def save_vae(vae, folder: str | os.PathLike, *, dtype=None) -> Path:
+    """Write an AutoencoderKL as a diffusers `vae/` component folder (config.json + safetensors)."""
+    from sdjax.weights import diffusers_folder as df
+    from sdjax.weights.torch_names import to_state_dict
+
+    folder = Path(folder)
+    state_dict = to_state_dict(vae)
+    if dtype is not None:
+        state_dict = {k: v.astype(dtype) for k, v in state_dict.items()}
+    df.write_weights(state_dict, folder, df.WEIGHT_NAMES["vae"])
+    df.write_json(vae.config.to_diffusers(), folder / "config.json")
+    return folder
+
+
+def find_vae_folder(path: str | os.PathLike) -> Path:
+    """The VAE component folder inside `path`: a vae/ folder itself, a diffusers pipeline folder, an
+    autoencoder run's export folder, or an autoencoder run's workdir (its export/)."""
+    path = Path(path)
+    for candidate in (path, path / "vae", path / "export" / "vae"):
+        if (candidate / "config.json").is_file() and any(candidate.glob("diffusion_pytorch_model*")):
+            return candidate
+    raise FileNotFoundError(f"{path}: no VAE found (looked for config.json + diffusion_pytorch_model.safetensors "
+                            f"in {path}, {path}/vae and {path}/export/vae). Train one with stage='autoencoder' "
+                            f"and export it, or give a diffusers Stable Diffusion folder.")
+
+
+def load_vae(path: str | os.PathLike, **kwargs):
+    """An AutoencoderKL from `find_vae_folder(path)`; kwargs: dtype, param_dtype, attention_impl."""
+    from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig
+    from sdjax.weights import diffusers_folder as df
+    from sdjax.weights.torch_names import load_state_dict
+
+    folder = find_vae_folder(path)
+    config = AutoencoderKLConfig.from_diffusers(df.read_json(folder / "config.json"))
+    vae = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), **kwargs))
+    load_state_dict(vae, df.read_weights(folder, df.WEIGHT_NAMES["vae"]), what=str(folder))
+    return vae
+
+
+_EXPORT_DTYPES = {"": None, "float32": np.float32, "float16": np.float16, "bfloat16": "bfloat16"}
+
+
+def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str | os.PathLike,
+                 formats: tuple[str, ...], dtype: str = "") -> list[Path]:
+    """Write the trained modules: "diffusers" -> path/ (a diffusers folder), "single_file" ->
+    path/model.safetensors (CompVis layout, A1111), "vae" -> path/vae/ (autoencoder stage).
+
+    `modules` must hold host (numpy-backed) parameters. Returns the written paths.
+    """
+    from sdjax import pretrained
+    from sdjax.pipeline import StableDiffusion
+
+    if dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"export.dtype={dtype!r}; choose one of {sorted(_EXPORT_DTYPES)}")
+    np_dtype = _EXPORT_DTYPES[dtype]
+    if np_dtype == "bfloat16":
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16
+    path = Path(path)
+    written = []
+    for fmt in formats:
+        if fmt == "vae":
+            written.append(save_vae(modules["vae"], path / "vae", dtype=np_dtype))
+            continue
+        if fmt not in ("diffusers", "single_file"):
+            raise ValueError(f"export format {fmt!r}; choose from 'diffusers', 'single_file', 'vae'")
+        missing = [m for m in ("text_encoder", "unet", "vae") if m not in modules]
+        if missing:
+            raise ValueError(f"export {fmt!r} needs a whole pipeline; this run has no {missing} (an autoencoder "
+                             f"run exports with export.formats=('vae',))")
+        pipe = StableDiffusion(modules["text_encoder"], modules["unet"], modules["vae"], tokenizer, scheduler_config)
+        if fmt == "diffusers":
+            written.append(pretrained.save_pretrained(pipe, path, dtype=np_dtype))
+        else:
+            written.append(pretrained.save_single_file(pipe, path / "model.safetensors", dtype=np_dtype))
+    (path / "export_info.json").write_text(json.dumps({"formats": list(formats), "dtype": dtype}) + "\n")
+    return written

@@ -1,0 +1,301 @@
+"""Train Stable Diffusion (fine-tune, or from scratch with its autoencoder): see configs/train_base.py.
+
+    python train.py --config configs/finetune_sd15.py --config.workdir=runs/x --config.batch_size=64 \
+        --config.model.init_from=/models/stable-diffusion-v1-5 --config.data.path=/data/my_images
+    python train.py --config configs/tiny.py --config.workdir=runs/tiny          # CPU, minutes
+
+Reads top to bottom: config -> processes and mesh -> data -> models (resume | init_from | scratch) ->
+sharded train state -> one jitted, donated train step -> loop with metrics, previews, checkpoints ->
+export. A run killed at any point and restarted with the same command continues where its last
+checkpoint left off, with the same data order and the same randomness; SIGTERM saves one first.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sdjax import checkpoint, sharding, training
+from sdjax.data import preprocess
+
+log = logging.getLogger("train")
+
+
+def make_dataset(config):
+    """The config's dataset: map-style, {"image": uint8 (H, W, 3), "caption": str} per index."""
+    d = config.data
+    if d.source == "shapes":
+        from sdjax.data.shapes import ShapesDataset
+
+        return ShapesDataset(size=d.shapes_size, seed=config.seed, split=d.shapes_split, length=d.shapes_length)
+    if d.source == "folder":
+        from sdjax.data.folder import FolderDataset
+
+        if not d.path:
+            raise ValueError("data.source='folder' needs --config.data.path=FOLDER")
+        return FolderDataset(d.path, min_size=d.min_size, missing_caption=d.missing_caption,
+                             caption_column=d.caption_column)
+    if d.source == "tfds":
+        from sdjax.data.tfds import TFDSDataset
+
+        if not d.tfds_name:
+            raise ValueError("data.source='tfds' needs --config.data.tfds_name=NAME")
+        return TFDSDataset(d.tfds_name, split=d.tfds_split, data_dir=d.tfds_data_dir or None, image_key=d.image_key,
+                           caption_key=d.caption_key, min_size=d.min_size)
+    raise ValueError(f"data.source={d.source!r}; choose 'shapes', 'folder' or 'tfds'")
+
+
+def init_processes(config) -> None:
+    """Multi-process set-up; must run before anything touches the devices."""
+    dist = config.distributed
+    if dist.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+    if dist.enabled:
+        kwargs = {}
+        if dist.coordinator_address:
+            kwargs["coordinator_address"] = dist.coordinator_address
+        if dist.num_processes:
+            kwargs["num_processes"] = dist.num_processes
+        if dist.process_id >= 0:
+            kwargs["process_id"] = dist.process_id
+        jax.distributed.initialize(**kwargs)
+
+
+class Reporter:
+    """metrics.jsonl, TensorBoard and the progress bar (process 0 only)."""
+
+    def __init__(self, config, workdir: Path, start_step: int):
+        self.active = jax.process_index() == 0
+        self.batch_size = config.batch_size * config.optimizer.grad_accum_steps
+        self.losses, self.last = [], None
+        self.mark_time, self.mark_step = time.time(), start_step
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.bar = tqdm(total=config.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not config.progress_bar, file=sys.stderr)
+
+    def add(self, metrics: dict) -> None:
+        self.losses.append(float(metrics["loss"]))
+        self.last = metrics
+
+    def write(self, step: int, extra: dict) -> dict:
+        now = time.time()
+        steps = max(step - self.mark_step, 1)
+        row = {"step": step, "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+               **{k: float(v) for k, v in self.last.items() if k != "loss"},
+               "images_per_s": steps * self.batch_size / max(now - self.mark_time, 1e-9),
+               "step_time_s": (now - self.mark_time) / steps, **extra}
+        self.losses, self.mark_time, self.mark_step = [], now, step
+        if self.active:
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, step)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}", refresh=False)
+        return row
+
+    def advance(self, step: int) -> None:
+        if self.active:
+            self.bar.update(step - self.bar.n)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self.active:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.tb.close()
+            self.jsonl.close()
+
+
+def main(config, *, sample_fn=None) -> dict:
+    """Run (or resume) the training `config` describes; returns {"step", "loss", "preempted"}.
+
+    sample_fn(modules, prompts, seed) -> uint8 images: the preview sampler (default: sdjax.pipeline).
+    """
+    init_processes(config)
+    if not config.workdir:
+        raise ValueError("set --config.workdir=DIR: checkpoints, metrics and the exported model go there")
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    # Mesh and data: each process reads its own rows of every global batch.
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    nproc, accum = jax.process_count(), config.optimizer.grad_accum_steps
+    if config.batch_size % mesh.size or config.batch_size % nproc:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.size} devices")
+    dataset = make_dataset(config)
+    prep = preprocess.make_preprocess(config.data.resolution, center_crop=config.data.center_crop,
+                                      random_flip=config.data.random_flip,
+                                      caption_dropout=config.data.caption_dropout if config.stage == "diffusion" else 0.0,
+                                      resample=config.data.resample)
+
+    # Models: structure and pretrained weights; random ones are born sharded.
+    models = training.build_models(config)
+    trainable = training.trainable_modules(config)
+    min_size = config.mesh.fsdp_min_size
+    module_shardings = sharding.param_shardings(mesh, models.abstract_states(), min_size=min_size)
+    states = sharding.put_global(models.loaded, {k: module_shardings[k] for k in models.loaded})
+    if models.init_fn is not None:
+        random_names = [k for k in module_shardings if k not in models.loaded]
+        states.update(jax.jit(models.init_fn, out_shardings={k: module_shardings[k] for k in random_names})())
+    params = {k: states.pop(k) for k in trainable}
+    frozen = states
+
+    # Train state: resume from the workdir, else start from the weights above.
+    tx, schedules = training.make_optimizer(config.optimizer, num_steps=config.num_steps, trainable=trainable)
+    init_state = functools.partial(training.init_state, tx=tx, seed=config.seed, ema_decay=config.ema.decay)
+    state_abstract = jax.eval_shape(init_state, params)
+    state_shardings = sharding.param_shardings(mesh, state_abstract, min_size=min_size)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(checkpoint.abstract_with_shardings(state_abstract, state_shardings))
+        del params
+        if (meta.get("batch_size"), meta.get("seed")) != (config.batch_size, config.seed):
+            log.warning("resuming with batch_size/seed %s/%s (checkpoint: %s/%s): the data order changes",
+                        config.batch_size, config.seed, meta.get("batch_size"), meta.get("seed"))
+        log.info("resumed from %s at step %d", ckpt.directory, meta["step"])
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=0)(params)
+
+    loss_fn = training.make_loss_fn(config, scheduler_config=models.scheduler_config,
+                                    latent_scaling=(models.vae_config.scaling_factor,
+                                                    models.vae_config.shift_factor or 0.0))
+    step_fn = training.make_train_step(models.graphdefs, loss_fn, tx, schedules, grad_accum_steps=accum,
+                                       ema_decay=config.ema.decay, ema_warmup=config.ema.warmup)
+    frozen_shardings = {k: module_shardings[k] for k in frozen}
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+    def device_batch(host: dict) -> dict:
+        batch = {"images": host["images"]}
+        if config.stage == "diffusion":
+            batch["input_ids"] = models.tokenizer(host["captions"])
+        return sharding.host_batch_to_global(mesh, batch)
+
+    def host_modules() -> dict:
+        """The modules with the EMA (else current) weights, as numpy, on every process."""
+        weights = sharding.to_host({**frozen, **state.get("ema", state["params"])})
+        return training.merge_modules(models.graphdefs, weights)
+
+    if config.preview_every and sample_fn is None:
+        if config.stage != "diffusion":
+            raise ValueError("previews sample images: set preview_every=0 for stage='autoencoder'")
+        sample_fn = training.pipeline_sample_fn(models.tokenizer, models.scheduler_config, mesh=mesh,
+                                                num_inference_steps=config.preview.num_inference_steps,
+                                                guidance_scale=config.preview.guidance_scale,
+                                                resolution=config.data.resolution)
+
+    # The loop: step s (micro-step m = s * accum + k) reads global batch m of the data order.
+    start = int(jax.device_get(state["step"]))
+    total = config.num_steps * accum
+    batches = preprocess.iterate_batches(dataset, config.batch_size // nproc, seed=config.seed, start_step=start,
+                                         process_index=jax.process_index(), process_count=nproc,
+                                         shuffle=config.data.shuffle, preprocess=prep,
+                                         num_threads=config.data.num_threads)
+    reporter = Reporter(config, workdir, start // accum)
+    watcher = checkpoint.PreemptionWatcher()
+    pending, preempted, micro = None, False, start
+
+    def read(pending):
+        micro_step, metrics = pending
+        metrics = jax.device_get(metrics)
+        training.check_finite(micro_step // accum + 1, metrics)
+        reporter.add(metrics)
+
+    try:
+        for micro in range(start, total):
+            state, metrics = train_step(state, frozen, device_batch(next(batches)))
+            if pending is not None:
+                read(pending)  # the previous step's metrics: the device stays one step ahead
+            pending = (micro, metrics)
+            done = micro + 1
+            step = done // accum
+            at_update = done % accum == 0
+            preempted = watcher.should_stop()
+            save = preempted or done == total or (at_update and step % config.checkpoint.every == 0)
+            log_now = at_update and (step % config.log_every == 0 or done == total)
+            preview = at_update and config.preview_every and step % config.preview_every == 0
+            if save or log_now or preview:
+                read(pending)  # a non-finite loss stops here, before anything is saved
+                pending = None
+            if log_now:
+                skipped = len(getattr(dataset, "skipped", ()))
+                reporter.write(step, {"skipped_images": skipped} if skipped else {})
+            reporter.advance(step)
+            if preview:
+                grid = training.preview_grid(sample_fn, host_modules(), list(config.preview.prompts),
+                                             config.preview.seed)
+                reporter.image("preview", grid, step)
+                if is_main:
+                    from PIL import Image
+
+                    (workdir / "previews").mkdir(exist_ok=True)
+                    Image.fromarray(grid).save(workdir / "previews" / f"step_{step:07d}.png")
+            if save:
+                ckpt.save(done, state, {"step": step, "micro_step": done, "data_step": done, "seed": config.seed,
+                                        "batch_size": config.batch_size})
+            if preempted:
+                log.warning("preempted: saved step %d (micro-step %d); restart to continue", step, done)
+                break
+        if pending is not None:
+            read(pending)
+    finally:
+        ckpt.close()
+        reporter.close()
+        watcher.restore()
+
+    if not preempted and config.export.formats:
+        modules = host_modules()
+        if is_main:
+            out = Path(config.export.path or workdir / "export")
+            written = checkpoint.export_model(modules, tokenizer=models.tokenizer,
+                                              scheduler_config=models.scheduler_config, path=out,
+                                              formats=tuple(config.export.formats), dtype=config.export.dtype)
+            log.info("exported %s", ", ".join(map(str, written)))
+    last = reporter.last or {}
+    return {"step": (micro + 1) // accum if total > start else start // accum,
+            "loss": float(last.get("loss", math.nan)), "preempted": preempted}
+
+
+if __name__ == "__main__":
+    from absl import app
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
+                                              lock_config=True)
+
+    def _run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
+        if _CONFIG.value is None:
+            raise app.UsageError("--config=configs/NAME.py is required")
+        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+        try:
+            result = main(_CONFIG.value)
+        except (ValueError, FileNotFoundError, FloatingPointError) as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+        log.info("done: %s", result)
+
+    app.run(_run)
