@@ -387,7 +387,11 @@ class UNet2DConditionModel(nnx.Module):
             x, states = self._run(lambda blk, x, emb, ctx: blk(x, emb, ctx), block, x, emb, context)
             skips.extend(states)
         if down_block_additional_residuals is not None:
-            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"UNet: down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                                 f"entries; this UNet has {len(skips)} skip connections (a ControlNet of another "
+                                 "architecture?)")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         if self.mid_block is not None:
             x = self._run(lambda blk, x, emb, ctx: blk(x, emb, ctx), self.mid_block, x, emb, context)
         if mid_block_additional_residual is not None:

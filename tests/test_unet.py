@@ -16,11 +16,17 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 tiny_models = pytest.importorskip("tests.tiny_models")
 
-# The tiny diffusers UNets of tests/tiny_models.py: 3 levels (32/64/64 or 64/128/128 channels), 2 layers per block.
+# Two-level SD layouts (a cross-attention level, then a plain one), small enough to compile in about a second.
+_LEVELS = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8)
 REFERENCES = {
-    "sd1": tiny_models.tiny_unet_sd1,          # 8 heads, conv proj_in/proj_out
-    "sd2": tiny_models.tiny_unet_sd2,          # heads (1, 2, 2) = head dim 64, linear projections, upcast_attention
-    "inpaint": tiny_models.tiny_unet_inpaint,  # SD 1.x with 9 input channels
+    # SD 1.x: 8 heads, conv proj_in/proj_out, 2 layers per block
+    "sd1": dict(_LEVELS, layers_per_block=2, attention_head_dim=8, cross_attention_dim=48),
+    # SD 2.x: per-block head counts, linear projections, attention upcast; per-block (transformer) layer counts
+    "sd2": dict(_LEVELS, layers_per_block=(1, 2), transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4),
+                use_linear_projection=True, upcast_attention=True, cross_attention_dim=64),
+    # inpainting: latents + mask + masked-image latents
+    "inpaint": dict(_LEVELS, in_channels=9, layers_per_block=1, attention_head_dim=8, cross_attention_dim=48),
 }
 FULL_SIZE_PARAMS = {"sd15": 859_520_964, "sd15_inpaint": 859_535_364, "sd21_base": 865_910_724,
                     "sd21": 865_910_724}
@@ -58,12 +64,13 @@ def apply(unet, x, t, context):
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """name -> (tiny diffusers UNet saved with save_pretrained, its sdjax twin loaded from those files), built once."""
+    """name -> (perturbed random diffusers UNet saved with save_pretrained, its sdjax twin loaded from those files)."""
     import safetensors.numpy
 
     @functools.cache
     def load(name):
-        ref = REFERENCES[name]()
+        torch.manual_seed(0)
+        ref = tiny_models.perturb_(diffusers.UNet2DConditionModel(**REFERENCES[name]), seed=0, scale=0.1)
         folder = tmp_path_factory.mktemp(f"unet-{name}")
         ref.save_pretrained(folder, safe_serialization=True)
         cfg = UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
@@ -106,14 +113,13 @@ def random_unet(cfg, seed=0, **kwargs):
     return nnx.merge(graphdef, jax.tree.map_with_path(draw, state))
 
 
-# Each case compiles once: (16, 16) with one int timestep for the batch; (10, 14) with a timestep per image, one
-# of them a float. 10 and 14 are not multiples of 2**2 (two upsamplers): 10 -> 5 -> 3 -> 5 -> 10, so the skips'
-# sizes must be forwarded to the upsamplers.
-CASES = {"16x16-scalar-t": (16, 16, 500), "10x14-per-image-t": (10, 14, np.array([10.0, 999.5], np.float32))}
+# Each case compiles once: (16, 16) with one int timestep for the batch; (9, 13) with a timestep per image, one of
+# them a float. Odd sizes make diffusers forward the skips' sizes to the upsampler: 9 -> 5 -> 9, not 10.
+CASES = {"16x16-scalar-t": (16, 16, 500), "9x13-per-image-t": (9, 13, np.array([10.0, 999.5], np.float32))}
 
 
-@pytest.mark.parametrize("name, case", [("sd1", "16x16-scalar-t"), ("sd1", "10x14-per-image-t"),
-                                        ("sd2", "10x14-per-image-t"), ("inpaint", "16x16-scalar-t")])
+@pytest.mark.parametrize("name, case", [("sd1", "16x16-scalar-t"), ("sd1", "9x13-per-image-t"),
+                                        ("sd2", "9x13-per-image-t"), ("inpaint", "16x16-scalar-t")])
 def test_matches_diffusers(references, name, case):
     ref, unet = references(name)
     height, width, timestep = CASES[case]
@@ -123,44 +129,81 @@ def test_matches_diffusers(references, name, case):
     assert rel_err(out, run_diffusers(ref, x, timestep, context)) <= 1e-4
 
 
+def controlnet_residuals(cfg, height, width, seed=1):
+    """Random NHWC residuals shaped like the skip connections (conv_in, each resnet, each downsampler) and mid block."""
+    shapes, n = [(height, width, cfg.block_out_channels[0])], len(cfg.block_out_channels)
+    for i, (channels, layers) in enumerate(zip(cfg.block_out_channels, cfg.per_block("layers_per_block"))):
+        shapes += [(height, width, channels)] * layers
+        if i < n - 1:
+            height, width = (height + 1) // 2, (width + 1) // 2
+            shapes.append((height, width, channels))
+    rng = np.random.default_rng(seed)
+    draw = lambda shape: rng.standard_normal((2, *shape)).astype(np.float32)  # noqa: E731
+    return [draw(s) for s in shapes], draw((height, width, cfg.block_out_channels[-1]))
+
+
+def test_controlnet_residuals_match_diffusers(references):
+    ref, unet = references("sd1")
+    height, width, timestep = CASES["9x13-per-image-t"]
+    x, context = inputs(unet.config, height, width)
+    down, mid = controlnet_residuals(unet.config, height, width)
+    out = nnx.jit(lambda unet, *a: unet(*a[:3], down_block_additional_residuals=a[3], mid_block_additional_residual=a[4]))(
+        unet, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context), [jnp.asarray(d) for d in down],
+        jnp.asarray(mid))
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    with torch.no_grad():
+        expected = ref(nchw(x), torch.as_tensor(timestep), torch.from_numpy(context),
+                       down_block_additional_residuals=tuple(map(nchw, down)),
+                       mid_block_additional_residual=nchw(mid)).sample.numpy().transpose(0, 2, 3, 1)
+    assert rel_err(out, expected) <= 1e-4
+    assert rel_err(out, apply(unet, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context))) > 1e-2
+    with pytest.raises(ValueError, match=r"down_block_additional_residuals has 5 entries; this UNet has 6 skip"):
+        jax.eval_shape(lambda: unet(jnp.asarray(x), timestep, jnp.asarray(context),
+                                    down_block_additional_residuals=[jnp.asarray(d) for d in down[:5]]))
+
+
 def test_attention_implementations_agree(references):
     _, unet = references("sd2")
-    height, width, timestep = CASES["10x14-per-image-t"]
+    height, width, timestep = CASES["9x13-per-image-t"]
     x, context = (jnp.asarray(a) for a in inputs(unet.config, height, width))
     out = apply(unet, x, timestep, context)
     assert rel_err(apply(twin(unet, attention_impl="xla"), x, timestep, context), out) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_sd2"])
-def test_bf16_compute_with_fp32_params(name):
-    """tiny: attention logits in bf16 (as diffusers without upcast_attention); tiny_sd2: upcast to fp32."""
-    unet = random_unet(VARIANTS[name])
+def test_bf16_compute_with_fp32_params(references):
+    """SD 1.x: attention logits in bf16 too, as in diffusers without upcast_attention."""
+    _, unet = references("sd1")
     bf16 = twin(unet, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
-    x, context = (jnp.asarray(a) for a in inputs(unet.config, 16, 16))
-    out = apply(bf16, x, 500, context)
+    height, width, timestep = CASES["16x16-scalar-t"]
+    x, context = (jnp.asarray(a) for a in inputs(unet.config, height, width))
+    out = apply(bf16, x, timestep, context)
     assert out.dtype == jnp.bfloat16
-    assert rel_err(out, apply(unet, x, 500, context)) < 5e-2
+    # every convolution and matmul runs in bf16 (the norms' statistics and the softmax stay in fp32)
+    lines = [line for line in str(jax.make_jaxpr(lambda: bf16(x, timestep, context))()).splitlines()
+             if "= conv_general_dilated[" in line or "= dot_general[" in line]
+    assert len(lines) > 50 and all(":bf16[" in line.split("=")[0] for line in lines)
+    assert rel_err(out, apply(unet, x, timestep, context)) < 5e-2
 
 
 def test_remat_gives_same_output_and_gradient():
-    """One level (a down, a mid and an up block, each checkpointed): value and every parameter's gradient agree."""
-    cfg = dataclasses.replace(VARIANTS["tiny"], block_out_channels=(16,), down_block_types=("DownBlock2D",),
-                              up_block_types=("CrossAttnUpBlock2D",), norm_num_groups=4)
+    """One level: a down block (with cross-attention), the mid block and an up block. With remat=True each is
+    checkpointed, and the loss and every parameter's gradient are those of remat=False."""
+    cfg = dataclasses.replace(VARIANTS["tiny"], block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
+                              up_block_types=("UpBlock2D",), norm_num_groups=4)
     x, context = (jnp.asarray(a) for a in inputs(cfg, 8, 8))
     state = nnx.state(random_unet(cfg))
 
-    results = {}
-    for remat in (False, True):
+    def loss_fn(remat):
         graphdef = nnx.graphdef(build(cfg, remat=remat))
+        return lambda state: jnp.mean(nnx.merge(graphdef, state)(x, jnp.array([3, 700]), context) ** 2)
 
-        def loss(state):
-            return jnp.mean(nnx.merge(graphdef, state)(x, jnp.array([3, 700]), context) ** 2)
-
-        traced = jax.jit(jax.value_and_grad(loss)).trace(state)
-        assert ("remat" in str(traced.jaxpr)) == remat  # the flag really checkpoints the blocks
-        results[remat] = traced.lower().compile()(state)
-    (value, grads), (value_remat, grads_remat) = results[False], results[True]
+    for remat in (False, True):
+        eqns = jax.make_jaxpr(loss_fn(remat))(state).eqns
+        assert sum(e.primitive.name in ("remat2", "checkpoint") for e in eqns) == (3 if remat else 0)
+    # one compilation for both gradients
+    (value, grads), (value_remat, grads_remat) = jax.jit(
+        lambda s: (jax.value_and_grad(loss_fn(False))(s), jax.value_and_grad(loss_fn(True))(s)))(state)
     np.testing.assert_allclose(value_remat, value, rtol=1e-6)
     for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat), strict=True):
         assert rel_err(g_remat, g) <= 1e-5
