@@ -118,8 +118,8 @@ def random_unet(cfg, seed=0, **kwargs):
 CASES = {"16x16-scalar-t": (16, 16, 500), "9x13-per-image-t": (9, 13, np.array([10.0, 999.5], np.float32))}
 
 
-@pytest.mark.parametrize("name, case", [("sd1", "16x16-scalar-t"), ("sd1", "9x13-per-image-t"),
-                                        ("sd2", "9x13-per-image-t"), ("inpaint", "16x16-scalar-t")])
+@pytest.mark.parametrize("name, case", [("sd1", "16x16-scalar-t"), ("sd2", "9x13-per-image-t"),
+                                        ("inpaint", "16x16-scalar-t")])  # and sd1 at 9x13 with ControlNet below
 def test_matches_diffusers(references, name, case):
     ref, unet = references(name)
     height, width, timestep = CASES[case]
@@ -156,7 +156,7 @@ def test_controlnet_residuals_match_diffusers(references):
                        down_block_additional_residuals=tuple(map(nchw, down)),
                        mid_block_additional_residual=nchw(mid)).sample.numpy().transpose(0, 2, 3, 1)
     assert rel_err(out, expected) <= 1e-4
-    assert rel_err(out, apply(unet, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context))) > 1e-2
+    assert rel_err(expected, run_diffusers(ref, x, timestep, context)) > 1e-2  # the residuals matter
     with pytest.raises(ValueError, match=r"down_block_additional_residuals has 5 entries; this UNet has 6 skip"):
         jax.eval_shape(lambda: unet(jnp.asarray(x), timestep, jnp.asarray(context),
                                     down_block_additional_residuals=[jnp.asarray(d) for d in down[:5]]))
@@ -176,7 +176,7 @@ def test_bf16_compute_with_fp32_params(references):
     bf16 = twin(unet, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
     height, width, timestep = CASES["16x16-scalar-t"]
-    x, context = (jnp.asarray(a) for a in inputs(unet.config, height, width))
+    x, context, timestep = (jnp.asarray(a) for a in (*inputs(unet.config, height, width), timestep))
     out = apply(bf16, x, timestep, context)
     assert out.dtype == jnp.bfloat16
     # every convolution and matmul runs in bf16 (the norms' statistics and the softmax stay in fp32)
