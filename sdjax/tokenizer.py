@@ -49,7 +49,7 @@ class CLIPTokenizer:
         self.eos_token_id = eos_token_id
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = _as_prompt_list(prompts)
         keep = self.model_max_length - 2
         out = np.full((len(prompts), self.model_max_length), self.pad_token_id, np.int32)
         for row, (prompt, ids) in enumerate(zip(prompts, self.encode(prompts))):
@@ -74,6 +74,19 @@ class CLIPTokenizer:
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def _as_prompt_list(prompts) -> list[str]:
+    """A prompt or an iterable of prompts (str, or UTF-8 bytes as datasets give them) as a list of str."""
+    if isinstance(prompts, (str, bytes)):
+        prompts = [prompts]
+    try:
+        prompts = [p.decode("utf-8") if isinstance(p, bytes) else p for p in prompts]
+    except TypeError:
+        prompts = [prompts]
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"the tokenizer takes a prompt string or a list of them, got {prompts!r:.100}")
+    return prompts
 
 
 def has_tokenizer_files(folder: str | os.PathLike) -> bool:

@@ -182,7 +182,13 @@ def test_bad_pad_token_id():
         default_tokenizer(VOCAB_SIZE)
 
 
-def test_single_prompt_and_empty_batch():
+def test_prompt_forms():
     tok = default_tokenizer()
-    assert tok("a cat").shape == (1, 77)
+    one = tok("a cat")
+    assert one.shape == (1, 77)
+    for same in (["a cat"], ("a cat",), np.array(["a cat"]), [b"a cat"]):  # datasets give bytes or numpy strings
+        np.testing.assert_array_equal(tok(same), one)
     assert tok([]).shape == (0, 77) and tok([]).dtype == np.int32
+    for bad in (None, 3, ["a cat", None]):
+        with pytest.raises(TypeError, match="takes a prompt string or a list of them"):
+            tok(bad)
