@@ -45,7 +45,9 @@ PROMPTS = [
     # special tokens (and look-alikes) inside the text
     "a<|endoftext|>b", "<|endoftext|>", "<|startoftext|>", "<|startoftext|>hello<|endoftext|>",
     "x <|endoftext|> y <|endoftext|>", "<|ENDOFTEXT|>", "<|endoftext", "endoftext|>", "<|endoftext|", "<|endoftext|><|endoftext|>",
-    "a<|startoftext|>b<|endoftext|>c", "wow!!! <|endoftext|>!!", "<start_of_text>", "x <end_of_text> y",
+    "a<|startoftext|>b<|endoftext|>c", "wow!!! <|endoftext|>!!", "<|STARTOFTEXT|>",
+    # instant_clip_tokenizer's own markers must stay plain text
+    "<start_of_text>", "x <end_of_text> y", "<START_OF_TEXT> x", "a<<end_of_text>>b", "<start_of_text",
     # code-ish, long words, repetition
     "https://example.com/path?q=1&r=2#frag", "user@example.com", "#hashtag @mention", "C:\\Windows\\System32",
     "/usr/bin/env python", "snake_case_name camelCaseName PascalCase kebab-case", "HTML <b>bold</b> &amp; entities",
