@@ -347,15 +347,16 @@ class UNet2DConditionModel(nnx.Module):
                         downsample_padding=c.downsample_padding, resnet=resnet, kw=kw,
                         transformer=transformer(i, ch[i], only_cross[i]) if t == "CrossAttnDownBlock2D" else None)
             for i, t in enumerate(c.down_block_types)])
-        self.mid_block = (UNetMidBlock2DCrossAttn(ch[-1], resnet=dict(resnet, output_scale_factor=c.mid_block_scale_factor),
-                                                  transformer=transformer(n - 1, ch[-1], False), kw=kw)
+        mid_resnet = dict(resnet, output_scale_factor=c.mid_block_scale_factor)
+        self.mid_block = (UNetMidBlock2DCrossAttn(ch[-1], resnet=mid_resnet, kw=kw,
+                                                  transformer=transformer(n - 1, ch[-1], False))
                           if c.mid_block_type is not None else None)
         up = []
         for i, t in enumerate(c.up_block_types):
             j = n - 1 - i  # the matching down block
+            attn = transformer(j, ch[j], only_cross[j]) if t == "CrossAttnUpBlock2D" else None
             up.append(UpBlock2D(ch[max(j - 1, 0)], ch[min(j + 1, n - 1)], ch[j], num_layers=layers[j] + 1,
-                                add_upsample=i < n - 1, resnet=resnet, kw=kw,
-                                transformer=transformer(j, ch[j], only_cross[j]) if t == "CrossAttnUpBlock2D" else None))
+                                add_upsample=i < n - 1, resnet=resnet, transformer=attn, kw=kw))
         self.up_blocks = nnx.List(up)
         self.conv_norm_out = GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps, **kw)
         self.conv_act = activation(c.act_fn)

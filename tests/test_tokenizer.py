@@ -39,12 +39,14 @@ PROMPTS = [
     # whitespace and control characters
     "non\u00a0breaking\u00a0space", "em\u2003space", "zero\u200bwidth\u200bspace", "ideographic\u3000space",
     "crlf\r\nline", "vertical\x0btab\x0cformfeed", "null\x00char", "del\x7fchar", "bell\x07char", "soft\u00adhyphen",
-    "rtl\u200fmark", "bom\ufeffchar", "info\x1csep\x1dgroup\x1erecord\x1funit", "next\x85line", "line\u2028sep\u2029para",
+    "rtl\u200fmark", "bom\ufeffchar", "info\x1csep\x1dgroup\x1erecord\x1funit", "next\x85line",
+    "line\u2028sep\u2029para",
     "mongolian\u180evowel", "ogham\u1680space", "narrow\u202fnbsp", "hair\u200aspace", "multiple     spaces    here",
     "  leading and trailing  ", "\n\nnewlines\n\n", "tab\tseparated\tvalues",
     # special tokens (and look-alikes) inside the text
     "a<|endoftext|>b", "<|endoftext|>", "<|startoftext|>", "<|startoftext|>hello<|endoftext|>",
-    "x <|endoftext|> y <|endoftext|>", "<|ENDOFTEXT|>", "<|endoftext", "endoftext|>", "<|endoftext|", "<|endoftext|><|endoftext|>",
+    "x <|endoftext|> y <|endoftext|>", "<|ENDOFTEXT|>", "<|endoftext", "endoftext|>", "<|endoftext|",
+    "<|endoftext|><|endoftext|>",
     "a<|startoftext|>b<|endoftext|>c", "wow!!! <|endoftext|>!!", "<|STARTOFTEXT|>",
     # instant_clip_tokenizer's own markers must stay plain text
     "<start_of_text>", "x <end_of_text> y", "<START_OF_TEXT> x", "a<<end_of_text>>b", "<start_of_text",
@@ -52,7 +54,8 @@ PROMPTS = [
     "https://example.com/path?q=1&r=2#frag", "user@example.com", "#hashtag @mention", "C:\\Windows\\System32",
     "/usr/bin/env python", "snake_case_name camelCaseName PascalCase kebab-case", "HTML <b>bold</b> &amp; entities",
     'JSON {"a": [1, 2]}', "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabc", "lololololololol",
-    "supercalifragilisticexpialidocious", "pneumonoultramicroscopicsilicovolcanoconiosis", "antidisestablishmentarianism",
+    "supercalifragilisticexpialidocious", "pneumonoultramicroscopicsilicovolcanoconiosis",
+    "antidisestablishmentarianism",
 ]
 WORDS = ("cat dog astronaut horse castle forest ocean neon cyberpunk portrait landscape watercolor oil painting "
          "octane render unreal engine bokeh golden hour volumetric fog studio ghibli by greg rutkowski "
@@ -101,7 +104,8 @@ def test_vocabulary_is_clips(folders):
     assert merges[0] == "#version: 0.2" and len(merges) == 1 + tokenizer.N_MERGES
     assert merges[1] == "i n" and vocab["in"] == 512  # the first merge follows the 2 x 256 byte tokens
     # OpenAI's well-known ids, independent of any tokenizer implementation
-    np.testing.assert_array_equal(default_tokenizer()("a photo of a cat")[0, :7], [BOS_ID, 320, 1125, 539, 320, 2368, EOS_ID])
+    ids = default_tokenizer()("a photo of a cat")[0, :7]
+    np.testing.assert_array_equal(ids, [BOS_ID, 320, 1125, 539, 320, 2368, EOS_ID])
 
 
 @pytest.mark.parametrize("family", sorted(PAD_IDS))

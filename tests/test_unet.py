@@ -147,9 +147,10 @@ def test_controlnet_residuals_match_diffusers(references):
     height, width, timestep = CASES["9x13-per-image-t"]
     x, context = inputs(unet.config, height, width)
     down, mid = controlnet_residuals(unet.config, height, width)
-    out = nnx.jit(lambda unet, *a: unet(*a[:3], down_block_additional_residuals=a[3], mid_block_additional_residual=a[4]))(
-        unet, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context), [jnp.asarray(d) for d in down],
-        jnp.asarray(mid))
+    with_residuals = nnx.jit(lambda unet, x, t, context, down, mid: unet(
+        x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid))
+    out = with_residuals(unet, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context),
+                         [jnp.asarray(d) for d in down], jnp.asarray(mid))
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
     with torch.no_grad():
         expected = ref(nchw(x), torch.as_tensor(timestep), torch.from_numpy(context),
