@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sdjax import checkpoint, sharding, training
+from sdjax import checkpoint, latent_cache, sharding, training
 from sdjax.data import preprocess
 
 log = logging.getLogger("train")
@@ -130,6 +130,7 @@ def main(config, *, sample_fn=None) -> dict:
     sample_fn(modules, prompts, seed) -> uint8 images: the preview sampler (default: sdjax.pipeline).
     """
     init_processes(config)
+    t_start = time.time()
     if not config.workdir:
         raise ValueError("set --config.workdir=DIR: checkpoints, metrics and the exported model go there")
     workdir = Path(config.workdir)
@@ -166,6 +167,7 @@ def main(config, *, sample_fn=None) -> dict:
     init_state = functools.partial(training.init_state, tx=tx, seed=config.seed, ema_decay=config.ema.decay)
     state_abstract = jax.eval_shape(init_state, params)
     state_shardings = sharding.param_shardings(mesh, state_abstract, min_size=min_size)
+    sharding.barrier("models")
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(checkpoint.abstract_with_shardings(state_abstract, state_shardings))
@@ -177,6 +179,8 @@ def main(config, *, sample_fn=None) -> dict:
     else:
         state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=0)(params)
 
+    log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start,
+             f"{sum(np.size(x) for x in jax.tree.leaves(state['params'])):,}")
     loss_fn = training.make_loss_fn(config, scheduler_config=models.scheduler_config,
                                     latent_scaling=(models.vae_config.scaling_factor,
                                                     models.vae_config.shift_factor or 0.0))
@@ -187,6 +191,8 @@ def main(config, *, sample_fn=None) -> dict:
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
     def device_batch(host: dict) -> dict:
+        if cache is not None:  # already the model's inputs
+            return sharding.host_batch_to_global(mesh, host)
         batch = {"images": host["images"]}
         if config.stage == "diffusion":
             batch["input_ids"] = models.tokenizer(host["captions"])
@@ -208,10 +214,30 @@ def main(config, *, sample_fn=None) -> dict:
     # The loop: step s (micro-step m = s * accum + k) reads global batch m of the data order.
     start = int(jax.device_get(state["step"]))
     total = config.num_steps * accum
-    batches = preprocess.iterate_batches(dataset, config.batch_size // nproc, seed=config.seed, start_step=start,
-                                         process_index=jax.process_index(), process_count=nproc,
-                                         shuffle=config.data.shuffle, preprocess=prep,
-                                         num_threads=config.data.num_threads)
+    shard = dict(seed=config.seed, start_step=start, process_index=jax.process_index(), process_count=nproc,
+                 shuffle=config.data.shuffle)
+    cache = None
+    if config.data.cache_latents:  # encode every image (and caption) once, with the frozen encoders
+        if config.stage != "diffusion":
+            raise ValueError("data.cache_latents is for stage='diffusion' (the autoencoder trains on pixels)")
+        latent_cache.check_config(config.data)
+        encode = jax.jit(latent_cache.make_encode_fn(models.graphdefs, with_context=not config.train_text_encoder,
+                                                     clip_skip=config.model.clip_skip),
+                         out_shardings=sharding.replicated(mesh))
+        cache = latent_cache.build_cache(
+            dataset, functools.partial(encode, frozen), mesh=mesh, batch_size=config.batch_size,
+            preprocess_fn=preprocess.make_preprocess(config.data.resolution, resample=config.data.resample),
+            tokenizer=models.tokenizer, process_index=jax.process_index(), process_count=nproc)
+        batches = latent_cache.cached_batches(cache, batch_size=config.batch_size // nproc,
+                                              caption_dropout=config.data.caption_dropout, **shard)
+    else:
+        batches = preprocess.iterate_batches(dataset, config.batch_size // nproc, preprocess=prep,
+                                             num_threads=config.data.num_threads, **shard)
+    batch = device_batch(next(batches)) if start < total else None
+    if batch is not None:  # compile ahead, then line the processes up before the first collective runs
+        train_step = train_step.lower(state, frozen, batch).compile()
+        log.info("train step compiled %.1fs after start", time.time() - t_start)
+    sharding.barrier("compiled")
     reporter = Reporter(config, workdir, start // accum)
     watcher = checkpoint.PreemptionWatcher()
     pending, preempted, micro = None, False, start
@@ -224,7 +250,9 @@ def main(config, *, sample_fn=None) -> dict:
 
     try:
         for micro in range(start, total):
-            state, metrics = train_step(state, frozen, device_batch(next(batches)))
+            state, metrics = train_step(state, frozen, batch)
+            if micro + 1 < total:
+                batch = device_batch(next(batches))  # read the next batch while the device computes
             if pending is not None:
                 read(pending)  # the previous step's metrics: the device stays one step ahead
             pending = (micro, metrics)
@@ -232,7 +260,8 @@ def main(config, *, sample_fn=None) -> dict:
             step = done // accum
             at_update = done % accum == 0
             preempted = watcher.should_stop()
-            save = preempted or done == total or (at_update and step % config.checkpoint.every == 0)
+            every = config.checkpoint.every
+            save = every > 0 and (preempted or done == total or (at_update and step % every == 0))
             log_now = at_update and (step % config.log_every == 0 or done == total)
             preview = at_update and config.preview_every and step % config.preview_every == 0
             if save or log_now or preview:

@@ -84,7 +84,7 @@ def get_config(arg=None):
     c.mesh.fsdp_min_size = 2 ** 14  # smaller arrays stay replicated
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 1000
+    c.checkpoint.every = 1000      # and at the end, and on SIGTERM; 0 = never (benchmarks)
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
 

@@ -107,3 +107,21 @@ def to_host(tree: Any) -> Any:
     mesh = next(x.sharding.mesh for x in leaves if isinstance(x, jax.Array) and not x.is_fully_addressable)
     full = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)  # one all-gather program
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), full)
+
+
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process gets here (no-op with one process).
+
+    Through the coordination service, not a device collective: CPU (gloo) collectives give up if a
+    peer is 30 s late, which a process still compiling can be; align processes with this first.
+    """
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    _barriers += 1
+    distributed.global_state.client.wait_at_barrier(f"sdjax_{name}_{_barriers}", timeout_s * 1000)
