@@ -11,6 +11,7 @@ checkpoint left off, with the same data order and the same randomness; SIGTERM s
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -295,6 +296,11 @@ def main(config, *, sample_fn=None) -> dict:
 
     if not preempted and config.export.formats:
         modules = host_modules()
+        if config.stage == "autoencoder" and config.autoencoder.set_scaling_factor:
+            images = next(batches)["images"]  # this host's next batch
+            factor = training.latent_scaling_factor(modules["vae"], images)
+            modules["vae"].config = dataclasses.replace(modules["vae"].config, scaling_factor=factor)
+            log.info("VAE scaling_factor = %.5f (1 / std of the latents of %d images)", factor, len(images))
         if is_main:
             out = Path(config.export.path or workdir / "export")
             written = checkpoint.export_model(modules, tokenizer=models.tokenizer,

@@ -62,6 +62,7 @@ def get_config(arg=None):
     c.autoencoder = ml_collections.ConfigDict()   # stage="autoencoder"
     c.autoencoder.reconstruction = "l1"  # l1 | l2
     c.autoencoder.kl_weight = 1e-6
+    c.autoencoder.set_scaling_factor = True  # export scaling_factor = 1 / std(latents), measured on a batch
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"      # any optax optimizer taking learning_rate

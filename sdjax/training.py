@@ -186,6 +186,14 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
     return loss_fn
 
 
+def latent_scaling_factor(vae, images) -> float:
+    """1 / std of the posterior means of `images`: the VAE's `scaling_factor` (unit-variance latents, as LDM
+    sets it for a new autoencoder)."""
+    graphdef, state = nnx.split(vae)
+    mean = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0].astype(jnp.float32))(state, images)
+    return float(1.0 / jnp.std(mean))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer and EMA
 # ---------------------------------------------------------------------------------------------------------
