@@ -1,8 +1,29 @@
-"""The Stable Diffusion pipeline object: the three networks, the tokenizer and the scheduler config."""
+"""The Stable Diffusion pipeline: text2img, img2img and inpainting in one compiled function.
+
+    pipe = sdjax.load_pretrained("stable-diffusion-v1-5")            # a StableDiffusion
+    images = pipe.text2img(["an astronaut riding a horse"], seed=0)  # uint8 (1, 512, 512, 3)
+    images = pipe.img2img(prompts, init_images, strength=0.6)
+    images = pipe.inpaint(prompts, images, masks)                    # mask: white = repaint
+
+Text encoding, the denoising loop (`sdjax.sampling.sample_loop`) and the VAE decode all run inside one
+`jax.jit`; a second call with the same shapes and settings reuses the compiled program. Image k of a
+call starts from noise drawn from `fold_in(key(seed), index_k)` (index_k = k unless `indices` are given),
+and the loop runs per image under `vmap`, so an image does not depend on the batch it is in, nor on
+the number of devices the batch is split over (`mesh`: a `jax.sharding.Mesh` with a "data" axis).
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sdjax import sampling, schedulers
 
 
 @dataclasses.dataclass
@@ -28,3 +49,262 @@ class StableDiffusion:
     @property
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def default_size(self) -> int:
+        """The image side the UNet was trained at (512 for SD 1.x / 2.x-base, 768 for SD 2.x)."""
+        size = self.unet.config.sample_size or 64
+        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    def text2img(self, prompts, **kwargs) -> np.ndarray:
+        return generate(self, prompts, **kwargs)
+
+    def img2img(self, prompts, init_images, *, strength: float = 0.8, **kwargs) -> np.ndarray:
+        return generate(self, prompts, init_images=init_images, strength=strength, **kwargs)
+
+    def inpaint(self, prompts, images, masks, *, strength: float = 1.0, **kwargs) -> np.ndarray:
+        return generate(self, prompts, init_images=images, masks=masks, strength=strength, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program (hashable; a change recompiles)."""
+    scheduler: tuple  # sorted (key, value) items of the effective scheduler config
+    num_inference_steps: int
+    height: int
+    width: int
+    guidance: bool  # classifier-free guidance on (guidance_scale > 1)
+    clip_skip: int
+    strength: float
+    mode: str  # "text2img" | "img2img" | "inpaint"
+    batch_invariant: bool  # one image at a time (lax.map): bit-identical whatever the batch / device count
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _unhashable(items: tuple) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+
+def classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale=0.0):
+    """uncond + s (cond - uncond), then diffusers' `guidance_rescale` (Lin et al. 2023, section 3.4):
+    the result's std is pulled towards the conditional prediction's, per image."""
+    guided = uncond + guidance_scale * (cond - uncond)
+    axes = tuple(range(1, cond.ndim))
+    std_cond = jnp.std(cond, axis=axes, keepdims=True)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True)
+    rescaled = guided * (std_cond / std_guided)
+    return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
+
+
+def initial_noise(seeds, indices, shape):
+    """Each image's starting noise (B, *shape) and the key its sampler draws further noise from: a function of
+    (seed, index) alone, so an image is the same in any batch and on any number of devices."""
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(jnp.asarray(seeds, jnp.uint32),
+                                                                         jnp.asarray(indices, jnp.int32))
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+    return noise, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+
+
+def _denoise(graphdef, state, ids, neg_ids, seeds, indices, images, masks, guidance_scale, guidance_rescale, *,
+             static: _Static):
+    modules = nnx.merge(graphdef, state)
+    batch = (ids, neg_ids, seeds, indices, images, masks)
+    if not static.batch_invariant:
+        return _denoise_batch(modules, *batch, guidance_scale, guidance_rescale, static=static)
+    return jax.lax.map(lambda item: _denoise_batch(modules, *(a[None] for a in item), guidance_scale,
+                                                   guidance_rescale, static=static)[0], batch)
+
+
+def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidance_scale, guidance_rescale, *,
+                   static: _Static):
+    text_encoder, unet, vae = modules
+    sf = vae.config.scaling_factor
+    f = vae.config.downsample_factor
+    h, w = static.height // f, static.width // f
+    scheduler_config = _unhashable(static.scheduler)
+
+    context = text_encoder(ids, clip_skip=static.clip_skip)
+    uncond = text_encoder(neg_ids, clip_skip=static.clip_skip) if static.guidance else context
+    noise, loop_rngs = initial_noise(seeds, indices, (h, w, vae.config.latent_channels))
+
+    B = ids.shape[0]
+    zeros = jnp.zeros((B, h, w, 1), jnp.float32)
+    image_latents = masked_latents = zeros
+    mask_latent = zeros
+    if static.mode != "text2img":
+        image_latents = vae.encode(images)[0].astype(jnp.float32) * sf  # the posterior mean
+    if static.mode == "inpaint":
+        mask_latent = masks[:, ::f, ::f, :]  # F.interpolate(mode="nearest") to latent size
+        if unet.config.in_channels == 9:
+            masked = images * (masks < 0.5)
+            masked_latents = vae.encode(masked)[0].astype(jnp.float32) * sf
+
+    def one_image(noise_i, rng_i, ctx_i, uncond_i, image_latents_i, mask_i, masked_i):
+        def model_fn(x, t):
+            inp = x
+            if unet.config.in_channels == 9:
+                inp = jnp.concatenate([x, mask_i[None].astype(x.dtype), masked_i[None].astype(x.dtype)], axis=-1)
+            if not static.guidance:
+                return unet(inp, t, ctx_i[None]).astype(jnp.float32)
+            out = unet(jnp.concatenate([inp, inp]), t, jnp.stack([uncond_i, ctx_i])).astype(jnp.float32)
+            return classifier_free_guidance(out[:1], out[1:], guidance_scale, guidance_rescale)
+
+        extra = {}
+        if static.mode != "text2img" and static.strength < 1.0:
+            extra.update(init_latents=image_latents_i[None], strength=static.strength)
+        if static.mode == "inpaint" and unet.config.in_channels == 4:
+            extra.update(inpaint_latents=image_latents_i[None], inpaint_mask=mask_i[None])
+        latents = sampling.sample_loop(model_fn, noise_i[None], scheduler_config, static.num_inference_steps,
+                                       rng_i, **extra)
+        return latents[0]
+
+    latents = jax.vmap(one_image)(noise, loop_rngs, context, uncond, image_latents, mask_latent, masked_latents)
+    decoded = vae.decode((latents / sf).astype(vae.decoder.conv_in.kernel.dtype)).astype(jnp.float32)
+    return jnp.round(jnp.clip(decoded / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+_denoise_jit = jax.jit(_denoise, static_argnames=("graphdef", "static"))
+
+
+def _as_list(prompts) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def load_images(images, height: int, width: int) -> np.ndarray:
+    """uint8 / float images or PIL images -> float32 (B, height, width, 3) in [-1, 1] (resized with Lanczos)."""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        if not isinstance(img, Image.Image):
+            arr = np.asarray(img)
+            if arr.dtype != np.uint8:
+                arr = np.clip(np.round(arr * 255), 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr)
+        img = img.convert("RGB")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.LANCZOS)
+        out.append(np.asarray(img, np.float32) / 127.5 - 1.0)
+    return np.stack(out)
+
+
+def load_masks(masks, height: int, width: int) -> np.ndarray:
+    """Masks (white / 1 = repaint) -> binary float32 (B, height, width, 1), as diffusers' mask processor."""
+    from PIL import Image
+
+    out = []
+    for m in masks:
+        if not isinstance(m, Image.Image):
+            arr = np.asarray(m)
+            if arr.ndim == 3:
+                arr = arr[..., 0]
+            m = Image.fromarray(arr if arr.dtype == np.uint8 else np.clip(np.round(arr * 255), 0, 255).astype(np.uint8))
+        m = m.convert("L")
+        if m.size != (width, height):
+            m = m.resize((width, height), Image.LANCZOS)
+        out.append((np.asarray(m, np.float32) / 255.0 >= 0.5).astype(np.float32)[..., None])
+    return np.stack(out)
+
+
+def outpaint_canvas(image, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, fill: int = 127):
+    """An image padded on its sides and the mask of the padding: outpainting is inpainting on this canvas."""
+    arr = np.asarray(image, np.uint8)
+    h, w = arr.shape[:2]
+    canvas = np.full((h + top + bottom, w + left + right, 3), fill, np.uint8)
+    canvas[top:top + h, left:left + w] = arr[..., :3]
+    mask = np.full(canvas.shape[:2], 255, np.uint8)
+    mask[top:top + h, left:left + w] = 0
+    return canvas, mask
+
+
+def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_prompts: str | Sequence[str] | None = None,
+             seed: int = 0, indices: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
+             num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+             sampler: str | None = None, scheduler_overrides: dict | None = None, height: int | None = None,
+             width: int | None = None, clip_skip: int = 0, init_images=None, masks=None, strength: float = 1.0,
+             mesh: jax.sharding.Mesh | None = None, batch_invariant: bool = False) -> np.ndarray:
+    """uint8 images (B, height, width, 3) for `prompts`, one per prompt.
+
+    sampler: a scheduler name ("DPM++ 2M Karras", "Euler a", "DDIM", ...; default: the checkpoint's own).
+    init_images: img2img (with `strength` in (0, 1]) or, with `masks`, inpainting (mask white = repaint).
+    seeds / indices: per-image seed and noise index (default: `seed` for all, indices 0..B-1).
+    mesh: split the batch over its "data" axis (parameters are replicated); default: one device.
+    batch_invariant: compute one image at a time, so an image is bit-identical in any batch and on any number
+    of devices (the default batched program can differ by float rounding: rarely, 1/255 on a pixel).
+    """
+    prompts = _as_list(prompts)
+    B = len(prompts)
+    if B == 0:
+        raise ValueError("no prompts given")
+    negative = [""] * B if negative_prompts is None else _as_list(negative_prompts)
+    if len(negative) == 1 and B > 1:
+        negative = negative * B
+    if len(negative) != B:
+        raise ValueError(f"{len(negative)} negative prompts for {B} prompts")
+    height = height or pipe.default_size
+    width = width or pipe.default_size
+    f = pipe.vae_scale_factor
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if masks is not None and init_images is None:
+        raise ValueError("inpainting needs the images to paint into (init_images) as well as the masks")
+    if pipe.unet.config.in_channels == 9 and masks is None:
+        raise ValueError("this is an inpainting UNet (9 input channels): give images and masks (pipe.inpaint)")
+    mode = "text2img" if init_images is None else ("img2img" if masks is None else "inpaint")
+    scheduler_config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler, **(scheduler_overrides or {}))
+    static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
+                     int(clip_skip), float(strength), mode, bool(batch_invariant))
+
+    seeds = np.full(B, seed, np.uint32) if seeds is None else np.asarray(seeds, np.uint32)
+    indices = np.arange(B, dtype=np.int32) if indices is None else np.asarray(indices, np.int32)
+    images = np.zeros((B, 1, 1, 3), np.float32)
+    mask_arr = np.zeros((B, 1, 1, 1), np.float32)
+    if init_images is not None:
+        images = load_images(init_images, height, width)
+        if len(images) != B:
+            raise ValueError(f"{len(images)} init images for {B} prompts")
+    if masks is not None:
+        mask_arr = load_masks(masks, height, width)
+        if len(mask_arr) != B:
+            raise ValueError(f"{len(mask_arr)} masks for {B} prompts")
+    batch = [pipe.tokenizer(prompts), pipe.tokenizer(negative), seeds, indices, images, mask_arr]
+
+    graphdef, state = nnx.split((pipe.text_encoder, pipe.unet, pipe.vae))
+    n = 1
+    if mesh is not None:
+        # sharding in types (Explicit axes) is not needed here: let the compiler propagate the batch split
+        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+        n = mesh.shape["data"]
+        pad = -B % n  # pad the batch to a multiple of the data axis with copies of the last item
+        batch = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a for a in batch]
+        batch = [_put(a, NamedSharding(mesh, P("data"))) for a in batch]
+        state = jax.tree.map(lambda x: _put(x, NamedSharding(mesh, P())), state)
+    out = _denoise_jit(graphdef, state, *batch, jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
+                       static=static)
+    if not out.is_fully_addressable:  # several processes: every one gets the whole batch
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return np.asarray(out)[:B]
+
+
+def _put(value, sharding: NamedSharding):
+    """Place a value that every process holds in full onto a (possibly multi-process) sharding."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

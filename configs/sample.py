@@ -1,0 +1,44 @@
+"""Sampling: text2img, img2img and inpainting from a checkpoint (`sample.py`).
+
+    python sample.py --config configs/sample.py --config.checkpoint=PATH \
+        --config.prompt="a photo of an astronaut riding a horse"
+    python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompts_file=prompts.txt \
+        --config.num_images_per_prompt=4 --config.sampler="DPM++ 2M Karras" --config.steps=25
+    python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompt="..." \
+        --config.init_image=photo.png --config.strength=0.6                       # img2img
+    python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompt="..." \
+        --config.init_image=photo.png --config.mask_image=mask.png               # inpainting (white = repaint)
+
+Any field below can be overridden with --config.FIELD=VALUE; an unknown field is an error.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.checkpoint = ""            # a diffusers folder or a single .safetensors / .ckpt file
+    c.variant = ""               # or a named architecture with random weights (sdjax.variants), for smoke tests
+    c.prediction_type = config_dict.placeholder(str)  # override the checkpoint's (single SD 2.x files: v_prediction)
+    c.prompt = ""
+    c.prompts_file = ""          # one prompt per line, "#" comments; images already written are skipped
+    c.negative_prompt = ""
+    c.num_images_per_prompt = 1
+    c.seed = 0                   # image i of a job starts from noise (seed, i): same image on any device count
+    c.sampler = ""               # "" = the checkpoint's scheduler; or "Euler a", "DPM++ 2M Karras", "DDIM", ...
+    c.steps = 30
+    c.guidance_scale = 7.5
+    c.guidance_rescale = 0.0
+    c.clip_skip = 0              # diffusers' clip_skip (A1111's "Clip skip" minus 1)
+    c.height = 0                 # 0 = the model's native size (512 for SD 1.x, 768 for SD 2.x)
+    c.width = 0
+    c.init_image = ""            # img2img / inpainting input
+    c.mask_image = ""            # inpainting mask, white = repaint
+    c.strength = config_dict.placeholder(float)  # img2img default 0.8, inpainting 1.0
+    c.batch_size = 8             # images per compiled batch (rounded up to a multiple of the devices)
+    c.batch_invariant = False    # True: one image at a time, bit-identical on any device count / batch size (slower)
+    c.data_parallel = -1         # devices on the mesh's data axis; -1 = all
+    c.dtype = "float32"          # compute dtype: float32 | bfloat16 | float16
+    c.attention = "auto"         # auto | einsum | xla | cudnn
+    c.output_dir = "outputs/samples"
+    return c

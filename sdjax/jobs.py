@@ -1,0 +1,228 @@
+"""Sampling jobs (what `sample.py` runs): prompts -> numbered image slots -> PNG files, resumable.
+
+Every image has a global index (prompt i, copy j -> i * num_images_per_prompt + j) that fixes its file
+name and its noise (seed, index), so a re-run, another batch size or another device count writes the
+same files, and a killed job resumes where it stopped: `run(config)` skips slots whose file exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSlot:
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+    def filename(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:60] or "empty"
+        return f"{self.index:05d}-{slug}.png"
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+def image_slots(prompts: list[str], *, negative_prompt: str = "", num_images_per_prompt: int = 1,
+                seed: int = 0) -> list[ImageSlot]:
+    return [ImageSlot(i * num_images_per_prompt + j, p, negative_prompt, seed)
+            for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
+
+
+def pending(slots: list[ImageSlot], output_dir: str | Path) -> list[ImageSlot]:
+    """The slots whose image file does not exist yet."""
+    output_dir = Path(output_dir)
+    return [s for s in slots if not (output_dir / s.filename()).exists()]
+
+
+def batches(slots: list[ImageSlot], batch_size: int) -> list[list[ImageSlot]]:
+    return [slots[i:i + batch_size] for i in range(0, len(slots), batch_size)]
+
+
+def a1111_parameters(slot: ImageSlot, *, steps: int, sampler: str, cfg_scale: float, width: int,
+                     height: int, model: str = "", extra: dict | None = None) -> str:
+    """Generation parameters in A1111's PNG `parameters` text format."""
+    text = slot.prompt
+    if slot.negative_prompt:
+        text += f"\nNegative prompt: {slot.negative_prompt}"
+    fields = {"Steps": steps, "Sampler": sampler, "CFG scale": cfg_scale, "Seed": slot.seed,
+              "Size": f"{width}x{height}", "Image index": slot.index}
+    if model:
+        fields["Model"] = model
+    fields.update(extra or {})
+    return text + "\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+
+
+def save_png(image: np.ndarray, path: str | Path, parameters: str) -> None:
+    """Write a uint8 (H, W, 3) image with its `parameters` text chunk, atomically."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, pnginfo=info)
+    tmp.replace(path)
+
+
+def grid(images: list[np.ndarray], columns: int | None = None) -> np.ndarray:
+    """Tile equally sized uint8 images into one image, row by row."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    h, w, c = images[0].shape
+    out = np.zeros((rows * h, columns * w, c), np.uint8)
+    for k, img in enumerate(images):
+        r, col = divmod(k, columns)
+        out[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return out
+
+
+class ConfigError(ValueError):
+    """A sampling setting the user got wrong; its message names the fix (sample.py prints it on one line)."""
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _checked(config) -> None:
+    if not config.checkpoint and not config.variant:
+        raise ConfigError("no model: set --config.checkpoint=PATH (a diffusers folder or a .safetensors/.ckpt "
+                          "file), or --config.variant=NAME for a randomly initialised architecture")
+    if config.checkpoint and not Path(config.checkpoint).exists():
+        raise ConfigError(f"--config.checkpoint={config.checkpoint} does not exist; give a diffusers folder or a "
+                          ".safetensors/.ckpt file")
+    if bool(config.prompt) == bool(config.prompts_file):
+        raise ConfigError("give exactly one of --config.prompt='...' or --config.prompts_file=PATH")
+    for key in ("height", "width"):
+        if config[key] and config[key] % 8:
+            raise ConfigError(f"--config.{key}={config[key]} is not a multiple of 8; use "
+                              f"{config[key] // 8 * 8} or {config[key] // 8 * 8 + 8}")
+    if config.strength is not None and not 0.0 < config.strength <= 1.0:
+        raise ConfigError(f"--config.strength={config.strength} must be in (0, 1] (1 = ignore the init image)")
+    if config.mask_image and not config.init_image:
+        raise ConfigError("--config.mask_image needs --config.init_image (the image to inpaint into)")
+    for key in ("init_image", "mask_image"):
+        if config[key] and not Path(config[key]).is_file():
+            raise ConfigError(f"--config.{key}={config[key]} does not exist")
+    if config.dtype not in _DTYPES:
+        raise ConfigError(f"--config.dtype={config.dtype!r}: use one of {', '.join(_DTYPES)}")
+    if config.steps < 1 or config.num_images_per_prompt < 1 or config.batch_size < 1:
+        raise ConfigError("--config.steps, --config.num_images_per_prompt and --config.batch_size must be >= 1")
+
+
+def load_model(config):
+    """The StableDiffusion a sampling config names: a checkpoint, or a random `variant` (demos, benchmarks)."""
+    import jax.numpy as jnp
+
+    from sdjax import pipeline, pretrained, tokenizer, variants
+
+    dtype = getattr(jnp, config.dtype)
+    if config.checkpoint:
+        try:
+            return pretrained.load_pretrained(config.checkpoint, dtype=dtype, attention_impl=config.attention,
+                                              prediction_type=config.prediction_type)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
+    try:
+        variant = variants.get(config.variant)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    text_encoder, unet, vae = variant.build(seed=config.seed, dtype=dtype, attention_impl=config.attention)
+    return pipeline.StableDiffusion(text_encoder, unet, vae, tokenizer.default_tokenizer(),
+                                    dict(variant.scheduler))
+
+
+def _make_mesh(config):
+    import jax
+
+    n = jax.device_count() if config.data_parallel in (0, -1) else config.data_parallel
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def run(config) -> Path:
+    """Run a sampling job: every pending image of the prompts, in batches over all devices; returns the folder."""
+    import time
+
+    import jax
+    from PIL import Image
+    from tqdm import tqdm
+
+    from sdjax import pipeline, schedulers
+
+    _checked(config)
+    if config.sampler:
+        try:
+            schedulers.scheduler_config_for({}, config.sampler)
+        except ValueError as e:
+            raise ConfigError(f"--config.sampler={config.sampler!r}: {e}") from None
+    try:
+        prompts = [config.prompt] if config.prompt else read_prompts_file(config.prompts_file)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--config.prompts_file: {e}") from None
+    pipe = load_model(config)
+    height, width = config.height or pipe.default_size, config.width or pipe.default_size
+    out_dir = Path(config.output_dir)
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    slots = image_slots(prompts, negative_prompt=config.negative_prompt,
+                        num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
+    todo = pending(slots, out_dir)
+    mesh = _make_mesh(config)
+    per_batch = -(-config.batch_size // mesh.size) * mesh.size  # a multiple of the devices
+    sampler = config.sampler or pipe.scheduler_config.get("_class_name", "default")
+    kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                  guidance_rescale=config.guidance_rescale, sampler=config.sampler or None, height=height,
+                  width=width, clip_skip=config.clip_skip, mesh=mesh, batch_invariant=config.batch_invariant)
+    init = {}
+    if config.init_image:
+        init["init_images"] = [Image.open(config.init_image)] * per_batch
+        init["strength"] = config.strength if config.strength is not None else (1.0 if config.mask_image else 0.8)
+        if config.mask_image:
+            init["masks"] = [Image.open(config.mask_image)] * per_batch
+    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    log(f"{len(slots)} images ({len(slots) - len(todo)} already in {out_dir}), batches of {per_batch} on "
+        f"{mesh.size} device(s), {config.steps} steps of {sampler}, {width}x{height}")
+    bar = tqdm(total=len(todo), unit="img", disable=jax.process_index() != 0 or not todo)
+    for k, batch in enumerate(batches(todo, per_batch)):
+        start = time.perf_counter()
+        if k == 0:
+            bar.set_description("compiling + first batch")
+        n = len(batch)
+        batch = batch + [batch[-1]] * (per_batch - n)  # a fixed batch shape: compiled once
+        extra = {key: value[:per_batch] for key, value in init.items() if key != "strength"}
+        images = pipeline.generate(
+            pipe, [s.prompt for s in batch], negative_prompts=[s.negative_prompt for s in batch],
+            seeds=[s.seed for s in batch], indices=[s.index for s in batch],
+            **({"strength": init["strength"]} if init else {}), **extra, **kwargs)
+        if jax.process_index() == 0:
+            for slot, image in zip(batch[:n], images):
+                params = a1111_parameters(slot, steps=config.steps, sampler=sampler, cfg_scale=config.guidance_scale,
+                                          width=width, height=height, model=Path(config.checkpoint or config.variant).name)
+                save_png(image, out_dir / slot.filename(), params)
+        bar.set_description(f"batch {k + 1}: {time.perf_counter() - start:.1f}s")
+        bar.update(n)
+    bar.close()
+    if jax.process_index() == 0:
+        done = [np.asarray(Image.open(out_dir / s.filename()).convert("RGB")) for s in slots[:64]
+                if (out_dir / s.filename()).exists()]
+        if done:
+            Image.fromarray(grid(done)).save(out_dir / "grid.png")
+        log(f"images: {out_dir.resolve()} ({len(slots)} PNGs with their parameters; grid.png shows the first "
+            f"{len(done)})")
+    return out_dir
