@@ -184,7 +184,7 @@ def run(config) -> Path:
                         num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
     todo = pending(slots, out_dir)
     mesh = _make_mesh(config)
-    per_batch = -(-config.batch_size // mesh.size) * mesh.size  # a multiple of the devices
+    per_batch = -(-min(config.batch_size, max(len(todo), 1)) // mesh.size) * mesh.size  # a multiple of the devices
     sampler = config.sampler or pipe.scheduler_config.get("_class_name", "default")
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                   guidance_rescale=config.guidance_rescale, sampler=config.sampler or None, height=height,

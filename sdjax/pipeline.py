@@ -161,7 +161,8 @@ def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidanc
             return classifier_free_guidance(out[:1], out[1:], guidance_scale, guidance_rescale)
 
         extra = {}
-        if static.mode != "text2img" and static.strength < 1.0:
+        # img2img noises the image even at strength 1 (as diffusers); inpainting at strength 1 starts from noise
+        if static.mode == "img2img" or (static.mode == "inpaint" and static.strength < 1.0):
             extra.update(init_latents=image_latents_i[None], strength=static.strength)
         if static.mode == "inpaint" and unet.config.in_channels == 4:
             extra.update(inpaint_latents=image_latents_i[None], inpaint_mask=mask_i[None])

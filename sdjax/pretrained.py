@@ -8,6 +8,7 @@ Either becomes a `StableDiffusion` of NNX modules; both can be written back.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from sdjax.tokenizer import default_tokenizer, has_tokenizer_files, load_tokeniz
 from sdjax.unet import UNet2DConditionModel, UNetConfig
 from sdjax.weights import diffusers_folder as df
 from sdjax.weights import single_file
+from sdjax.weights.safetensors_io import read_metadata
 from sdjax.weights.torch_names import load_state_dict, to_state_dict
 
 log = logging.getLogger(__name__)
@@ -98,19 +100,31 @@ def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
     return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
 
 
+_CONFIG_METADATA = "sdjax_configs"  # safetensors metadata key: the exact configs of a file sdjax wrote
+
+
 def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> StableDiffusion:
     state_dict = single_file.read_checkpoint(path)
-    info = single_file.detect(state_dict)
+    saved = {}
+    if path.suffix.lower() == ".safetensors":
+        saved = json.loads(read_metadata(path).get(_CONFIG_METADATA, "{}"))
+    if saved:  # written by save_single_file: its configs, not the SD conventions, describe the model
+        configs = saved["unet"], saved["vae"], saved["text_encoder"]
+        info = single_file.info_from_configs(*configs)
+    else:
+        info = single_file.detect(state_dict)
+        configs = (single_file.unet_config_dict(info), single_file.vae_config_dict(info),
+                   single_file.text_config_dict(info))
     unet_sd, vae_sd, text_sd = single_file.to_diffusers(state_dict, info)
-    unet_cfg = UNetConfig.from_diffusers(single_file.unet_config_dict(info))
-    vae_cfg = AutoencoderKLConfig.from_diffusers(single_file.vae_config_dict(info))
-    text_cfg = CLIPTextConfig.from_transformers(single_file.text_config_dict(info))
+    unet_cfg = UNetConfig.from_diffusers(configs[0])
+    vae_cfg = AutoencoderKLConfig.from_diffusers(configs[1])
+    text_cfg = CLIPTextConfig.from_transformers(configs[2])
     unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, what=f"{path} (UNet)", **kwargs)
     vae = _build(AutoencoderKL, vae_cfg, vae_sd, what=f"{path} (VAE)", **kwargs)
     text_encoder = _build(CLIPTextEncoder, text_cfg, strip_text_model_prefix(text_sd), what=f"{path} (text encoder)",
                           ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
-    scheduler_config = copy.deepcopy(variants.SCHEDULERS[info.family])
-    if info.family == "sd2" and prediction_type is None:
+    scheduler_config = copy.deepcopy(saved.get("scheduler") or variants.SCHEDULERS[info.family])
+    if info.family == "sd2" and prediction_type is None and not saved:
         log.warning("%s: single files do not record the prediction type; assuming v_prediction (SD 2.x 768). "
                     "Pass prediction_type='epsilon' for SD 2.x 512-base models.", path)
     tokenizer = default_tokenizer(pad_token_id=_PAD_IDS[info.family])
@@ -160,6 +174,9 @@ def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=N
 def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=None) -> Path:
     """Write `pipe` as one CompVis-layout .safetensors file (A1111, ComfyUI, diffusers' from_single_file).
 
+    The header's metadata also records the exact model and scheduler configs, so `load_pretrained` rebuilds
+    this model exactly even where it departs from the SD conventions a plain single file is read by.
+
     dtype: float32, float16 or bfloat16 for the stored weights (default: the parameters' own dtype).
     """
     path = Path(path)
@@ -170,5 +187,8 @@ def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=No
     info = single_file.info_from_configs(pipe.unet.config.to_diffusers(), pipe.vae.config.to_diffusers(),
                                          pipe.text_encoder.config.to_transformers())
     stored = np.dtype(dtype).name if dtype is not None else np.asarray(unet_sd["conv_in.weight"]).dtype.name
-    single_file.write_checkpoint(single_file.from_diffusers(unet_sd, vae_sd, text_sd, info), path, dtype=stored)
+    configs = {"unet": pipe.unet.config.to_diffusers(), "vae": pipe.vae.config.to_diffusers(),
+               "text_encoder": pipe.text_encoder.config.to_transformers(), "scheduler": pipe.scheduler_config}
+    single_file.write_checkpoint(single_file.from_diffusers(unet_sd, vae_sd, text_sd, info), path, dtype=stored,
+                                 metadata={_CONFIG_METADATA: json.dumps(configs)})
     return path

@@ -35,6 +35,11 @@ def folders(tmp_path_factory):
             "inpaint": tiny_models.tiny_diffusers_folder(tmp, "sd1", inpaint=True)}
 
 
+@pytest.fixture(scope="module")
+def pipes(folders):
+    return {name: sdjax.load_pretrained(folder) for name, folder in folders.items()}
+
+
 def reference(cls, folder):
     return cls.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
 
@@ -62,8 +67,8 @@ def mask_image():
 
 @pytest.mark.parametrize("sampler,steps,guidance,rescale", [(None, 10, 7.5, 0.0), ("Euler", 8, 5.0, 0.7),
                                                             ("DPM++ 2M Karras", 8, 1.0, 0.0)])
-def test_text2img_matches_diffusers(folders, sampler, steps, guidance, rescale):
-    pipe = sdjax.load_pretrained(folders["sd1"])
+def test_text2img_matches_diffusers(folders, pipes, sampler, steps, guidance, rescale):
+    pipe = pipes["sd1"]
     ours = pipe.text2img(PROMPTS, negative_prompts=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
                          guidance_rescale=rescale, sampler=sampler, height=SIZE, width=SIZE, seed=0)
     assert ours.dtype == np.uint8 and ours.shape == (2, SIZE, SIZE, 3)
@@ -76,10 +81,10 @@ def test_text2img_matches_diffusers(folders, sampler, steps, guidance, rescale):
     agree(ours, theirs)
 
 
-def test_img2img_matches_diffusers(folders, monkeypatch):
+def test_img2img_matches_diffusers(folders, pipes, monkeypatch):
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
 
-    pipe = sdjax.load_pretrained(folders["sd1"])
+    pipe = pipes["sd1"]
     image = init_image()
     ours = pipe.img2img(PROMPTS, [image, image[::-1]], strength=0.6, num_inference_steps=10, height=SIZE, width=SIZE)
     ref = reference(diffusers.StableDiffusionImg2ImgPipeline, folders["sd1"])
@@ -92,12 +97,12 @@ def test_img2img_matches_diffusers(folders, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["inpaint", "sd1"])
-def test_inpaint_matches_diffusers(folders, monkeypatch, kind):
+def test_inpaint_matches_diffusers(folders, pipes, monkeypatch, kind):
     """A 9-channel inpainting UNet, and an ordinary UNet with the known region blended back every step."""
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
     from PIL import Image
 
-    pipe = sdjax.load_pretrained(folders[kind])
+    pipe = pipes[kind]
     image, mask = init_image(), mask_image()
     ours = pipe.inpaint(PROMPTS[:1], [image], [mask], num_inference_steps=10, height=SIZE, width=SIZE)
     ref = reference(diffusers.StableDiffusionInpaintPipeline, folders[kind])
@@ -112,8 +117,8 @@ def test_inpaint_matches_diffusers(folders, monkeypatch, kind):
                                                                         width=SIZE)[0, 16:48, 8:40])
 
 
-def test_same_shapes_do_not_recompile(folders):
-    pipe = sdjax.load_pretrained(folders["sd1"])
+def test_same_shapes_do_not_recompile(pipes):
+    pipe = pipes["sd1"]
     kw = dict(num_inference_steps=3, height=SIZE, width=SIZE)
     pipe.text2img(PROMPTS, **kw)
     before = pipeline._denoise_jit._cache_size()
@@ -123,9 +128,9 @@ def test_same_shapes_do_not_recompile(folders):
     np.testing.assert_array_equal(a, b)
 
 
-def test_image_depends_on_seed_and_index_only(folders):
+def test_image_depends_on_seed_and_index_only(pipes):
     """Image k of a batch equals the same (seed, index) generated alone."""
-    pipe = sdjax.load_pretrained(folders["sd1"])
+    pipe = pipes["sd1"]
     kw = dict(num_inference_steps=4, height=SIZE, width=SIZE, sampler="Euler a")
     batch = pipe.text2img(["a fox", "a bird", "a cat"], seeds=[1, 2, 3], indices=[10, 11, 12], **kw)
     alone = pipe.text2img(["a bird"], seeds=[2], indices=[11], **kw)
@@ -133,14 +138,14 @@ def test_image_depends_on_seed_and_index_only(folders):
     assert not np.array_equal(batch[0], batch[2])
 
 
-def test_pipeline_errors(folders):
-    pipe = sdjax.load_pretrained(folders["sd1"])
+def test_pipeline_errors(pipes):
+    pipe = pipes["sd1"]
     with pytest.raises(ValueError, match="multiples of 2"):
         pipe.text2img(["x"], height=63, width=64)
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         pipe.img2img(["x"], [init_image()], strength=0.0)
     with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
         pipe.text2img(["a", "b", "c"], negative_prompts=["x", "y"])
-    inpaint = sdjax.load_pretrained(folders["inpaint"])
+    inpaint = pipes["inpaint"]
     with pytest.raises(ValueError, match="inpainting UNet"):
         inpaint.text2img(["x"], height=SIZE, width=SIZE)

@@ -181,3 +181,24 @@ def test_bad_paths_and_checkpoints_give_precise_errors(tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"attn2.to_k.weight has shape \(\d+, 128\), the model expects \(\d+, 64\)"):
         sdjax.load_pretrained(folder)
+
+
+def test_single_file_records_exact_configs(tmp_path):
+    """A model off the SD conventions (tiny: 2 attention heads, 32-wide CLIP, v-prediction) comes back exactly:
+    save_single_file stores the configs in the safetensors metadata; a file without them is read by convention."""
+    from sdjax import variants
+    from sdjax.pipeline import StableDiffusion
+    from sdjax.tokenizer import default_tokenizer
+
+    variant = variants.get("tiny")
+    pipe = StableDiffusion(*variant.build(seed=3), default_tokenizer(),
+                           dict(variant.scheduler, prediction_type="v_prediction"))
+    path = sdjax.save_single_file(pipe, tmp_path / "tiny.safetensors")
+    back = sdjax.load_pretrained(path)
+    assert back.unet.config == pipe.unet.config and back.text_encoder.config == pipe.text_encoder.config
+    assert back.prediction_type == "v_prediction"
+    x, ctx = np.ones((1, 8, 8, 4), np.float32), np.ones((1, 77, 32), np.float32)
+    np.testing.assert_array_equal(back.unet(x, 10, ctx), pipe.unet(x, 10, ctx))
+    plain = tmp_path / "plain.safetensors"
+    single_file.write_checkpoint(single_file.read_checkpoint(path), plain)
+    assert sdjax.load_pretrained(plain).unet.config.attention_head_dim == 8  # the SD 1.x convention

@@ -20,9 +20,7 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{name: array} of a .safetensors file; arrays are read-only views of a memory map."""
-    path = os.fspath(path)
+def _read_header(path: str) -> tuple[int, dict]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -32,9 +30,20 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if header_len > min(size - 8, 100_000_000):
             raise ValueError(f"{path}: not a safetensors file (header length {header_len} exceeds the file)")
         try:
-            header = json.loads(f.read(header_len))
+            return header_len, json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a safetensors file (unreadable JSON header: {e})") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's `__metadata__` string map (empty if it has none)."""
+    return _read_header(os.fspath(path))[1].get("__metadata__") or {}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{name: array} of a .safetensors file; arrays are read-only views of a memory map."""
+    path = os.fspath(path)
+    header_len, header = _read_header(path)
     header.pop("__metadata__", None)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
     out = {}

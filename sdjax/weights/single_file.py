@@ -88,8 +88,10 @@ def read_checkpoint(path) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in sd.items()}
 
 
-def write_checkpoint(sd: dict[str, np.ndarray], path, *, dtype: str = "float32") -> None:
-    """Write a state dict as .safetensors, floating-point tensors cast to `dtype` (float32, float16 or bfloat16)."""
+def write_checkpoint(sd: dict[str, np.ndarray], path, *, dtype: str = "float32",
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as .safetensors, floating-point tensors cast to `dtype` (float32, float16 or bfloat16),
+    with optional string `metadata` in the header."""
     if Path(path).suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: write_checkpoint writes .safetensors only")
     if dtype not in _WRITE_DTYPES:
@@ -100,7 +102,7 @@ def write_checkpoint(sd: dict[str, np.ndarray], path, *, dtype: str = "float32")
         value = np.asarray(value)
         return value.astype(target) if value.dtype.kind == "f" or value.dtype.name == "bfloat16" else value
 
-    write_safetensors({k: cast(v) for k, v in sd.items()}, path, metadata={"format": "pt"})
+    write_safetensors({k: cast(v) for k, v in sd.items()}, path, metadata={"format": "pt", **(metadata or {})})
 
 
 # ---------------------------------------------------------------------------------------------- detection
