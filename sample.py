@@ -15,6 +15,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
     from sdjax import jobs
 
+    if _CONFIG.value.distributed:  # one process per host; coordinator from the cluster or JAX_COORDINATOR_ADDRESS
+        import jax
+
+        jax.distributed.initialize()
     try:
         jobs.run(_CONFIG.value)
     except jobs.ConfigError as e:

@@ -37,6 +37,7 @@ def get_config():
     c.strength = config_dict.placeholder(float)  # img2img default 0.8, inpainting 1.0
     c.batch_size = 8             # images per compiled batch (rounded up to a multiple of the devices)
     c.batch_invariant = False    # True: one image at a time, bit-identical on any device count / batch size (slower)
+    c.distributed = False        # True: jax.distributed.initialize() first (one process per host)
     c.data_parallel = -1         # devices on the mesh's data axis; -1 = all
     c.dtype = "float32"          # compute dtype: float32 | bfloat16 | float16
     c.attention = "auto"         # auto | einsum | xla | cudnn

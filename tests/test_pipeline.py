@@ -149,3 +149,16 @@ def test_pipeline_errors(pipes):
     inpaint = pipes["inpaint"]
     with pytest.raises(ValueError, match="inpainting UNet"):
         inpaint.text2img(["x"], height=SIZE, width=SIZE)
+
+
+def test_outpainting_is_inpainting_on_a_padded_canvas(pipes):
+    image = init_image()[:, 16:48]  # 64 x 32
+    canvas, mask = pipeline.outpaint_canvas(image, left=16, right=16)
+    assert canvas.shape == (SIZE, SIZE, 3) and mask.shape == (SIZE, SIZE)
+    np.testing.assert_array_equal(canvas[:, 16:48], image)
+    assert mask[:, :16].min() == 255 and mask[:, 48:].min() == 255 and mask[:, 16:48].max() == 0
+    out = pipes["sd1"].inpaint(["a wider view"], [canvas], [mask], num_inference_steps=4, height=SIZE, width=SIZE)
+    assert out.shape == (1, SIZE, SIZE, 3)
+    kept = np.abs(out[0, 8:56, 20:44].astype(int) - canvas[8:56, 20:44].astype(int)).mean()
+    painted = np.abs(out[0, :, :12].astype(int) - canvas[:, :12].astype(int)).mean()
+    assert painted > kept  # the padding is repainted, the image inside is (up to the VAE round trip) kept
