@@ -300,7 +300,7 @@ def make_train_step(graphdefs: dict, loss_fn: Callable, tx: optax.GradientTransf
                                        stepped, state["ema"])
             new["ema"] = stepped
         lr_count = state["step"] // grad_accum_steps
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         for name in names:
             metrics[f"lr_{name}"] = schedules[name](lr_count)
         metrics["lr"] = metrics[f"lr_{names[0]}"]

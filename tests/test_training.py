@@ -1,0 +1,365 @@
+"""Unit tests of the training pieces: objectives, optimizer, EMA, train step, sharding rules, latent cache,
+checkpoint helpers, configs, TFDS without TensorFlow. End-to-end runs of train.py: tests/test_train_script.py."""
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from sdjax import checkpoint, latent_cache, schedulers, sharding, training, variants
+from sdjax.data import preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHED = variants.SCHEDULERS["sd1"]
+AC = jnp.asarray(schedulers.alphas_cumprod(SCHED))
+
+
+def load_config(name: str, **overrides):
+    sys.path.insert(0, str(ROOT))
+    try:
+        config = importlib.import_module(f"configs.{name}").get_config()
+    finally:
+        sys.path.remove(str(ROOT))
+    with config.unlocked():
+        for key, value in overrides.items():
+            target = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = target[p]
+            target[leaf] = value
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objectives
+# ---------------------------------------------------------------------------------------------------------
+
+def test_targets_match_their_definitions():
+    key = jax.random.key(0)
+    x0 = jax.random.normal(key, (3, 4, 4, 4))
+    noise = jax.random.normal(jax.random.key(1), x0.shape)
+    t = jnp.array([0, 500, 999])
+    a = np.asarray(AC)[np.asarray(t)].reshape(-1, 1, 1, 1)
+    np.testing.assert_array_equal(training.diffusion_target("epsilon", AC, x0, noise, t), noise)
+    np.testing.assert_allclose(training.diffusion_target("v_prediction", AC, x0, noise, t),
+                               np.sqrt(a) * noise - np.sqrt(1 - a) * x0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(training.diffusion_target("sample", AC, x0, noise, t), x0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        training.diffusion_target("flow", AC, x0, noise, t)
+
+
+@pytest.mark.parametrize("prediction_type", training.PREDICTION_TYPES)
+def test_min_snr_weights(prediction_type):
+    t = jnp.array([10, 300, 900])
+    snr = np.asarray(AC)[np.asarray(t)] / (1 - np.asarray(AC)[np.asarray(t)])
+    clipped = np.minimum(snr, 5.0)
+    expected = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    np.testing.assert_allclose(training.min_snr_weights(AC, t, prediction_type, 5.0), expected, rtol=1e-5)
+    np.testing.assert_array_equal(training.min_snr_weights(AC, t, prediction_type, 0.0), np.ones(3))
+
+
+@pytest.mark.parametrize("prediction_type", training.PREDICTION_TYPES)
+def test_diffusion_loss_is_zero_for_an_oracle_and_respects_the_timestep_range(prediction_type):
+    latents = jax.random.normal(jax.random.key(2), (6, 4, 4, 4))
+    context = jnp.zeros((6, 77, 8))
+
+    def oracle(noisy, t, ctx):  # recovers the noise from x_t and x_0, then answers in the target's terms
+        a = AC[t].reshape(-1, 1, 1, 1)
+        noise = (noisy - jnp.sqrt(a) * latents) / jnp.sqrt(1 - a)
+        return training.diffusion_target(prediction_type, AC, latents, noise, t)
+
+    loss, aux = training.diffusion_loss(oracle, latents, context, jax.random.key(3), AC,
+                                        prediction_type=prediction_type, min_snr_gamma=5.0, t_min=100, t_max=200)
+    assert float(loss) < 1e-6
+    assert np.all((np.asarray(aux["t"]) >= 100) & (np.asarray(aux["t"]) < 200))
+    zero, aux = training.diffusion_loss(lambda x, t, c: jnp.zeros_like(x), latents, context, jax.random.key(3), AC,
+                                        prediction_type=prediction_type)
+    assert float(zero) > 0.1
+
+
+def test_offset_noise_shifts_each_channel():
+    plain = training.sample_noise(jax.random.key(0), (64, 8, 8, 4))
+    offset = training.sample_noise(jax.random.key(0), (64, 8, 8, 4), offset_noise=1.0)
+    # per-(image, channel) means: std 1/8 for plain noise, about sqrt(1 + 1/64) with offset noise
+    assert float(jnp.std(plain.mean(axis=(1, 2)))) < 0.2
+    assert float(jnp.std(offset.mean(axis=(1, 2)))) > 0.6
+
+
+def test_autoencoder_loss_and_kl():
+    mean = jnp.array([[[[1.0, 0.0]]]])
+    logvar = jnp.array([[[[0.0, jnp.log(2.0)]]]])
+    # KL(N(1, 1) || N(0, 1)) = 0.5, KL(N(0, 2) || N(0, 1)) = 0.5 * (2 - 1 - log 2)
+    np.testing.assert_allclose(training.kl_divergence(mean, logvar), [0.5 + 0.5 * (1 - np.log(2))], rtol=1e-6)
+
+    class Identity:  # a "VAE" whose latents are the image and whose posterior is a point mass
+        def encode(self, x):
+            return x, jnp.full_like(x, -30.0)
+
+        def decode(self, z):
+            return z
+
+    images = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1, maxval=1)
+    loss, aux = training.autoencoder_loss(Identity(), images, jax.random.key(1), reconstruction="l2", kl_weight=0.0)
+    assert float(aux["recon"]) < 1e-10 and float(loss) < 1e-8
+    with pytest.raises(ValueError, match="l1"):
+        training.autoencoder_loss(Identity(), images, jax.random.key(1), reconstruction="ssim")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer, EMA, train step
+# ---------------------------------------------------------------------------------------------------------
+
+def test_lr_schedules():
+    const = training.lr_schedule(1e-3, num_steps=100, warmup_steps=10)
+    assert float(const(0)) == 0.0 and float(const(5)) == pytest.approx(5e-4) and float(const(50)) == pytest.approx(1e-3)
+    cos = training.lr_schedule(1e-3, num_steps=100, warmup_steps=10, schedule="cosine", end_fraction=0.1)
+    assert float(cos(10)) == pytest.approx(1e-3) and float(cos(100)) == pytest.approx(1e-4, rel=1e-4)
+    assert float(training.lr_schedule(1e-3, num_steps=100)(0)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="cosine"):
+        training.lr_schedule(1e-3, num_steps=10, schedule="linear")
+
+
+def test_optimizer_per_module_learning_rates_and_errors():
+    opt = load_config("train_base").optimizer
+    with opt.unlocked():
+        opt.warmup_steps, opt.learning_rate, opt.text_encoder_learning_rate = 0, 1e-3, 1e-4
+    tx, schedules = training.make_optimizer(opt, num_steps=10, trainable=("unet", "text_encoder"))
+    assert float(schedules["unet"](3)) == pytest.approx(1e-3) and float(schedules["text_encoder"](3)) == pytest.approx(1e-4)
+    params = {"unet": {"w": jnp.ones(3)}, "text_encoder": {"w": jnp.ones(3)}}
+    grads = {"unet": {"w": jnp.ones(3)}, "text_encoder": {"w": jnp.ones(3)}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # AdamW's first step moves each weight by about its lr (plus weight decay)
+    assert float(-updates["unet"]["w"][0]) == pytest.approx(1e-3, rel=0.05)
+    assert float(-updates["text_encoder"]["w"][0]) == pytest.approx(1e-4, rel=0.05)
+    with opt.unlocked():
+        opt.name = "no_such_optimizer"
+    with pytest.raises(ValueError, match="not an optax optimizer"):
+        training.make_optimizer(opt, num_steps=10, trainable=("unet",))
+    with opt.unlocked():
+        opt.name, opt.kwargs.b3 = "adamw", 0.5
+    with pytest.raises(ValueError, match="optimizer.kwargs"):
+        training.make_optimizer(opt, num_steps=10, trainable=("unet",))
+
+
+def test_ema():
+    ema, params = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+    np.testing.assert_allclose(training.ema_update(ema, params, 0.9)["w"], [0.1, 0.1], rtol=1e-6)
+    assert float(training.ema_decay_at(0.999, 0, True)) == pytest.approx(0.1)
+    assert float(training.ema_decay_at(0.999, 10 ** 6, True)) == pytest.approx(0.999)
+    assert float(training.ema_decay_at(0.9, 0, False)) == pytest.approx(0.9)
+
+
+class _Linear(nnx.Module):
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(3, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+def _linear_step(accum: int, ema_decay: float = 0.5):
+    graphdefs, params = training.split_modules({"unet": _Linear(nnx.Rngs(0))})
+
+    def loss_fn(modules, batch, rng):
+        pred = modules["unet"](batch["x"])[:, 0]
+        return jnp.mean((pred - batch["y"]) ** 2), {}
+
+    opt = load_config("train_base").optimizer
+    with opt.unlocked():
+        opt.warmup_steps, opt.learning_rate, opt.grad_accum_steps = 0, 0.1, accum
+    tx, schedules = training.make_optimizer(opt, num_steps=10, trainable=("unet",))
+    step = jax.jit(training.make_train_step(graphdefs, loss_fn, tx, schedules, grad_accum_steps=accum,
+                                            ema_decay=ema_decay, ema_warmup=False))
+    state = training.init_state(params, tx, seed=0, ema_decay=ema_decay)
+    batch = {"x": jnp.arange(12.0).reshape(4, 3) / 10, "y": jnp.ones(4)}
+    return step, state, batch
+
+
+def test_train_step_lowers_the_loss_and_tracks_ema():
+    step, state, batch = _linear_step(accum=1)
+    kernel0 = np.asarray(state["params"]["unet"]["layer"]["kernel"])
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, {}, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0] and int(state["step"]) == 20
+    kernel, ema = state["params"]["unet"]["layer"]["kernel"], state["ema"]["unet"]["layer"]["kernel"]
+    assert not np.allclose(ema, kernel0) and not np.allclose(ema, kernel)
+    assert set(metrics) >= {"loss", "grad_norm", "lr", "lr_unet"}
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+    step, state, batch = _linear_step(accum=2)
+    kernel0 = np.asarray(state["params"]["unet"]["layer"]["kernel"])
+    state, _ = step(state, {}, batch)
+    np.testing.assert_array_equal(state["params"]["unet"]["layer"]["kernel"], kernel0)
+    np.testing.assert_array_equal(state["ema"]["unet"]["layer"]["kernel"], kernel0)
+    state, _ = step(state, {}, batch)
+    assert not np.allclose(state["params"]["unet"]["layer"]["kernel"], kernel0)
+    assert not np.allclose(state["ema"]["unet"]["layer"]["kernel"], kernel0)
+
+
+def test_check_finite_names_the_step_and_a_fix():
+    training.check_finite(3, {"loss": 1.0})
+    with pytest.raises(FloatingPointError, match=r"step 7 .*learning_rate"):
+        training.check_finite(7, {"loss": float("nan"), "grad_norm": 1.0})
+    with pytest.raises(FloatingPointError, match="inf"):
+        training.check_finite(1, {"loss": float("inf")})
+
+
+def test_trainable_modules_and_model_config_errors():
+    assert training.trainable_modules(load_config("tiny")) == ("unet",)
+    assert training.trainable_modules(load_config("train_scratch")) == ("unet", "text_encoder")
+    assert training.trainable_modules(load_config("train_autoencoder")) == ("vae",)
+    with pytest.raises(ValueError, match="init_from and model.variant are both empty"):
+        training.build_models(load_config("finetune_sd15"))
+    with pytest.raises(FileNotFoundError, match="no VAE found"):
+        training.build_models(load_config("tiny", **{"model.init_from": str(ROOT / "tests")}))
+    with pytest.raises(ValueError, match="model.dtype"):
+        training.build_models(load_config("tiny", **{"model.dtype": "fp8"}))
+
+
+def test_make_loss_fn_checks_the_timestep_range():
+    with pytest.raises(ValueError, match="timestep_min"):
+        training.make_loss_fn(load_config("tiny", **{"objective.timestep_min": 900, "objective.timestep_max": 100}),
+                              scheduler_config=SCHED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------------------
+
+def test_fsdp_rule_picks_the_largest_divisible_dimension():
+    assert sharding.fsdp_spec((3, 3, 320, 640), 4) == P(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((1280, 320), 4) == P("fsdp", None)
+    assert sharding.fsdp_spec((6, 10), 4) == P()             # nothing divisible: replicated
+    assert sharding.fsdp_spec((1024,), 4, min_size=4096) == P()  # small: replicated
+    assert sharding.fsdp_spec((), 4) == P()
+    assert sharding.fsdp_spec((1280, 320), 1) == P()
+    assert sharding.fsdp_spec((64, 64), 8) == P("fsdp", None)  # ties: the first
+
+
+def test_make_mesh_and_batch_sharding_on_one_device():
+    mesh = sharding.make_mesh(data=-1)
+    assert mesh.axis_names == ("data", "fsdp") and mesh.shape == {"data": 1, "fsdp": 1}
+    with pytest.raises(ValueError, match="needs 2 devices, there are 1"):
+        sharding.make_mesh(data=2, fsdp=1)
+    with pytest.raises(ValueError, match="at most one axis"):
+        sharding.make_mesh(data=-1, fsdp=-1)
+    batch = sharding.host_batch_to_global(mesh, {"x": np.ones((4, 2), np.float32)})
+    assert batch["x"].shape == (4, 2) and batch["x"].sharding.spec == P(("data", "fsdp"))
+    shardings = sharding.param_shardings(mesh, {"w": jnp.ones((8, 8))})
+    placed = sharding.put_global({"w": np.ones((8, 8))}, shardings)
+    np.testing.assert_array_equal(sharding.to_host(placed)["w"], np.ones((8, 8)))
+    sharding.barrier("single process: a no-op")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Latent cache, checkpoints, preemption, previews
+# ---------------------------------------------------------------------------------------------------------
+
+def test_cached_batches_follow_the_data_order_and_drop_captions():
+    n = 10
+    cache = latent_cache.LatentCache(mean=np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1),
+                                     logvar=np.zeros((n, 1, 1, 1), np.float32),
+                                     text=np.arange(n, dtype=np.float32).reshape(n, 1, 1) + 100,
+                                     empty_text=np.full((1, 1), -1.0, np.float32))
+    batches = latent_cache.cached_batches(cache, batch_size=4, seed=3, start_step=2, process_index=1,
+                                          process_count=2, caption_dropout=0.5)
+    batch = next(batches)
+    order, _ = preprocess.global_indices(n, seed=3, step=2, global_batch_size=8)
+    np.testing.assert_array_equal(batch["latent_mean"][:, 0, 0, 0], order[4:])
+    context = batch["context"][:, 0, 0]
+    dropped = context == -1  # dropped captions get the empty caption's row, the others their own
+    np.testing.assert_array_equal(context[~dropped], order[4:][~dropped] + 100)
+    many = [next(batches)["context"][:, 0, 0] for _ in range(20)]
+    rate = np.mean([c == -1 for c in many])
+    assert 0.3 < rate < 0.7
+    with pytest.raises(ValueError, match="center_crop=True"):
+        latent_cache.check_config(load_config("finetune_sd15").data)
+
+
+def test_preemption_watcher_turns_sigterm_into_a_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    watcher = checkpoint.PreemptionWatcher()
+    assert not watcher.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.should_stop()
+    watcher.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_checkpointer_round_trip(tmp_path):
+    state = {"step": jnp.array(3, jnp.int32), "params": {"unet": {"blocks": {0: {"w": jnp.arange(6.0)}}}}}
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=2, async_save=True)
+    assert ckpt.latest_step() is None
+    for step in (1, 2, 3):
+        ckpt.save(step, state, {"step": step})
+    ckpt.wait()
+    mesh = sharding.make_mesh()
+    target = checkpoint.abstract_with_shardings(state, sharding.param_shardings(mesh, state))
+    restored, meta = ckpt.restore(target)
+    ckpt.close()
+    assert meta["step"] == 3 and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
+    np.testing.assert_array_equal(restored["params"]["unet"]["blocks"][0]["w"], np.arange(6.0))
+
+
+def test_preview_grid_tiles_images_and_checks_the_sampler():
+    def sample_fn(modules, prompts, seed):
+        return np.full((len(prompts), 4, 4, 3), seed, np.uint8)
+
+    grid = training.preview_grid(sample_fn, {}, ["a", "b", "c"], 7)
+    assert grid.shape == (8, 8, 3) and grid[:4, :4].min() == 7 and grid[4:, 4:].max() == 0
+    with pytest.raises(ValueError, match="uint8"):
+        training.preview_grid(lambda m, p, s: np.zeros((len(p), 4, 4, 3)), {}, ["a"], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TFDS without TensorFlow, configs
+# ---------------------------------------------------------------------------------------------------------
+
+def test_tfds_needs_the_data_extra(monkeypatch, tmp_path):
+    from sdjax.data import tfds
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed (it is not, here)
+    with pytest.raises(ImportError, match=r"pip install 'sdjax\[data\]'"):
+        tfds.TFDSDataset("my_images")
+    with pytest.raises(ImportError, match=r"pip install 'sdjax\[data\]'"):
+        tfds.folder_to_tfds(tmp_path, name="my_images")
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 3] = 0
+    np.testing.assert_array_equal(tfds._to_rgb(rgba), np.full((2, 2, 3), 255))
+    assert tfds._to_text(np.array(b"a cat", dtype=object)) == "a cat"
+
+
+CONFIGS = ("train_base", "tiny", "finetune_sd15", "finetune_sd21", "train_autoencoder", "train_scratch")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_load_and_document_their_launch_command(name):
+    config = load_config(name)
+    assert config.optimizer.name == "adamw" and config.stage in ("diffusion", "autoencoder")
+    source = (ROOT / "configs" / f"{name}.py").read_text()
+    docstring = source.split('"""')[1]
+    assert "python train.py --config configs/" in docstring
+
+
+def test_config_overrides_and_unknown_fields_on_the_command_line(tmp_path):
+    base = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py")]
+    bad = subprocess.run(base + [f"--config.workdir={tmp_path}", "--config.optimizer.learnig_rate=1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "learnig_rate" in bad.stderr
+    missing = subprocess.run(base + ["--config.model.variant=nope", f"--config.workdir={tmp_path}"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "unknown model variant 'nope'" in missing.stderr
