@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,13 +55,14 @@ def make_dataset(config):
 
 
 def init_processes(config) -> None:
-    """Multi-process set-up; must run before anything touches the devices."""
+    """Multi-process set-up (distributed.enabled, or JAX_COORDINATOR_ADDRESS in the environment); must run
+    before anything touches the devices."""
     dist = config.distributed
     if dist.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-    if dist.enabled:
+    if dist.enabled or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         kwargs = {}
         if dist.coordinator_address:
             kwargs["coordinator_address"] = dist.coordinator_address
@@ -191,14 +193,6 @@ def main(config, *, sample_fn=None) -> dict:
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
-    def device_batch(host: dict) -> dict:
-        if cache is not None:  # already the model's inputs
-            return sharding.host_batch_to_global(mesh, host)
-        batch = {"images": host["images"]}
-        if config.stage == "diffusion":
-            batch["input_ids"] = models.tokenizer(host["captions"])
-        return sharding.host_batch_to_global(mesh, batch)
-
     def host_modules() -> dict:
         """The modules with the EMA (else current) weights, as numpy, on every process."""
         weights = sharding.to_host({**frozen, **state.get("ema", state["params"])})
@@ -234,6 +228,15 @@ def main(config, *, sample_fn=None) -> dict:
     else:
         batches = preprocess.iterate_batches(dataset, config.batch_size // nproc, preprocess=prep,
                                              num_threads=config.data.num_threads, **shard)
+
+    def device_batch(host: dict) -> dict:
+        if cache is not None:  # already the model's inputs
+            return sharding.host_batch_to_global(mesh, host)
+        batch = {"images": host["images"]}
+        if config.stage == "diffusion":
+            batch["input_ids"] = models.tokenizer(host["captions"])
+        return sharding.host_batch_to_global(mesh, batch)
+
     batch = device_batch(next(batches)) if start < total else None
     if batch is not None:  # compile ahead, then line the processes up before the first collective runs
         train_step = train_step.lower(state, frozen, batch).compile()

@@ -24,6 +24,7 @@ def get_config(arg=None):
     c.mesh.fsdp_min_size = 1024
     c.checkpoint.every = 100
     c.log_every = 10
+    c.preview_every = 100          # workdir/previews/ and TensorBoard, sampled with sdjax.pipeline
     c.preview.prompts = ("a red circle on the left", "a large blue square at the top")
     c.preview.num_inference_steps = 10
     c.preview.guidance_scale = 3.0

@@ -104,7 +104,8 @@ def get_config(arg=None):
     c.export.path = ""             # "" = workdir/export
 
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.enabled = False  # jax.distributed.initialize(); automatic on SLURM / TPU / MPI launchers
+    c.distributed.enabled = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set);
+                                   # with no address it detects SLURM / Open MPI / TPU pods / Kubernetes
     c.distributed.coordinator_address = ""  # "host:port"; with num_processes and process_id when not automatic
     c.distributed.num_processes = 0
     c.distributed.process_id = -1

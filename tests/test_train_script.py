@@ -33,11 +33,29 @@ COMMON = ["--config.log_every=1", "--config.progress_bar=False", "--config.optim
 XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """A folder all pytest-xdist workers of this session share (the session's base temp dir otherwise)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` once per session, whichever xdist worker asks first; the others wait and reuse it."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / "DONE").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / "DONE").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by xdist workers
-    path = root / "jax_compilation_cache"
+    path = shared_root(tmp_path_factory) / "jax_compilation_cache"
     path.mkdir(exist_ok=True)
     return path
 
@@ -54,7 +72,7 @@ def tiny_sd1(tmp_path_factory) -> Path:
     """tests.tiny_models' tiny SD 1.x diffusers folder: every fine-tuning run here starts from it."""
     from tests.tiny_models import tiny_diffusers_folder
 
-    return tiny_diffusers_folder(tmp_path_factory.mktemp("tiny_sd1"), "sd1")
+    return shared(tmp_path_factory, "sd1", lambda folder: tiny_diffusers_folder(folder, "sd1")) / "tiny-sd1"
 
 
 def train_command(workdir, *args, config: str = "tiny") -> list[str]:
@@ -102,22 +120,20 @@ def checkpoints(workdir) -> list[int]:
 # One device, 8 devices, two processes
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, cache_dir, tiny_sd1):
     """The uninterrupted single-device fine-tuning run: 6 steps, checkpoints after 3 and 6, exported."""
-    workdir = tmp_path_factory.mktemp("reference")
-    train(workdir, f"--config.model.init_from={tiny_sd1}", "--config.num_steps=6", "--config.checkpoint.every=3",
-          "--config.export.formats=('diffusers', 'single_file')", env=run_env(cache_dir))
-    return workdir
+    return shared(tmp_path_factory, "reference", lambda workdir: train(
+        workdir, f"--config.model.init_from={tiny_sd1}", "--config.num_steps=6", "--config.checkpoint.every=3",
+        "--config.export.formats=('diffusers', 'single_file')", env=run_env(cache_dir)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mesh8(tmp_path_factory, cache_dir, tiny_sd1):
     """3 steps on a (data=2, fsdp=4) mesh of 8 fake CPU devices, one process."""
-    workdir = tmp_path_factory.mktemp("mesh8")
-    train(workdir, f"--config.model.init_from={tiny_sd1}", "--config.num_steps=3", "--config.mesh.data=2",
-          "--config.mesh.fsdp=4", env=run_env(cache_dir, devices=8))
-    return workdir
+    return shared(tmp_path_factory, "mesh8", lambda workdir: train(
+        workdir, f"--config.model.init_from={tiny_sd1}", "--config.num_steps=3", "--config.mesh.data=2",
+        "--config.mesh.fsdp=4", env=run_env(cache_dir, devices=8)))
 
 
 def test_tiny_run_writes_metrics_checkpoints_and_tensorboard(reference):
@@ -273,9 +289,18 @@ def test_sigterm_saves_the_current_step_and_the_restart_continues(tmp_path, monk
     assert result["preempted"] and result["step"] == 2
     assert checkpoints(tmp_path) == [2]  # saved on SIGTERM, not by the schedule
     monkeypatch.setattr(train_module.sharding, "host_batch_to_global", host_batch_to_global)
-    result = train_module.main(config)
+    sampled = []
+
+    def sample_fn(modules, prompts, seed):  # previews get the EMA modules
+        sampled.append(sorted(modules))
+        return np.full((len(prompts), 8, 8, 3), 200, np.uint8)
+
+    config.preview_every = 2
+    result = train_module.main(config, sample_fn=sample_fn)
     assert not result["preempted"] and result["step"] == 5 and checkpoints(tmp_path) == [2, 5]
     assert losses(tmp_path) == {s: pytest.approx(1 / s) for s in range(1, 6)}
+    assert sampled == [["text_encoder", "unet", "vae"]]  # step 4
+    assert [p.name for p in (tmp_path / "previews").iterdir()] == ["step_0000004.png"]
 
 
 def test_benchmark_reports_speed_and_memory(train_module, tmp_path, monkeypatch, tiny_sd1):
