@@ -312,7 +312,9 @@ def main(config, *, sample_fn=None) -> dict:
             log.info("exported %s", ", ".join(map(str, written)))
     last = reporter.last or {}
     return {"step": (micro + 1) // accum if total > start else start // accum,
-            "loss": float(last.get("loss", math.nan)), "preempted": preempted}
+            "loss": float(last.get("loss", math.nan)), "preempted": preempted,
+            "checkpoints": str(ckpt.directory),
+            "export": str(Path(config.export.path or workdir / "export")) if config.export.formats else ""}
 
 
 if __name__ == "__main__":
@@ -335,5 +337,8 @@ if __name__ == "__main__":
             print(f"train.py: error: {e}", file=sys.stderr)
             sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
         log.info("done: %s", result)
+        if jax.process_index() == 0:
+            print(f"train.py: step {result['step']}, loss {result['loss']:.4f}; checkpoints in {result['checkpoints']}"
+                  + (f"; model exported to {result['export']}" if result["export"] and not result["preempted"] else ""))
 
     app.run(_run)

@@ -76,6 +76,10 @@ VARIANTS = {
     "tiny": AutoencoderKLConfig(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=64),
+    # The offline shapes demo's VAE: 64 px images <-> 16x16x4 latents (downsamples 4x).
+    "shapes": AutoencoderKLConfig(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64),
 }
 
 

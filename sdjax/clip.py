@@ -101,6 +101,9 @@ VARIANTS = {
     # Real vocabulary (so the real tokenizer works), 32 wide: ~1.6M parameters, nearly all embeddings.
     "tiny": CLIPTextConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
                            projection_dim=32),
+    # The offline shapes demo's text encoder: 64 wide, 2 layers (3.3M parameters, 3.2M of them embeddings).
+    "shapes": CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                             projection_dim=64),
 }
 
 

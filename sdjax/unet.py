@@ -417,6 +417,13 @@ _TINY = UNetConfig(sample_size=32, block_out_channels=(32, 64), layers_per_block
                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2)
 
+# The offline demo's UNet (configs/shapes*.py): 16x16x4 latents of 64 px shapes; cross-attention at 8x8 and 4x4
+# only (self-attention over 256 tokens at 16x16 halves CPU training speed for no gain on one-shape images).
+_SHAPES = UNetConfig(sample_size=16, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     cross_attention_dim=64, attention_head_dim=4)
+
 VARIANTS = {
     "sd15": _SD15,
     "sd15_inpaint": dataclasses.replace(_SD15, in_channels=9),
@@ -426,4 +433,5 @@ VARIANTS = {
     "tiny_sd2": dataclasses.replace(_TINY, attention_head_dim=(2, 4), use_linear_projection=True,
                                     upcast_attention=True),
     "tiny_inpaint": dataclasses.replace(_TINY, in_channels=9),
+    "shapes": _SHAPES,
 }

@@ -4,6 +4,7 @@
     sd15_inpaint  SD 1.5 inpainting (9-channel UNet)
     sd21_base     SD 2.x 512 px base (OpenCLIP ViT-H text tower, epsilon)
     sd21          SD 2.x 768 px (v_prediction)
+    shapes        the offline demo's model: 64 px images, 16x16x4 latents (configs/shapes*.py)
     tiny*         a few-hundred-thousand-parameter SD for tests and CPU demos
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ VARIANTS = {
                          dict(SCHEDULERS["sd2"], prediction_type="epsilon")),
     "sd21": Variant(clip.VARIANTS["sd21"], unet.VARIANTS["sd21"], autoencoder.VARIANTS["sd"], SCHEDULERS["sd2"]),
     "tiny": Variant(clip.VARIANTS["tiny"], unet.VARIANTS["tiny"], autoencoder.VARIANTS["tiny"], SCHEDULERS["sd1"]),
+    "shapes": Variant(clip.VARIANTS["shapes"], unet.VARIANTS["shapes"], autoencoder.VARIANTS["shapes"],
+                      SCHEDULERS["sd1"]),
 }
 
 

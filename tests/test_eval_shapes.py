@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from sdjax.data import shapes
-from sdjax.data.shapes import ShapesDataset, caption_for
+from sdjax.data.shapes import ShapesDataset, caption_for, parse_caption
 from sdjax.eval.shapes import Analysis, analyse, format_table, score
 
 
@@ -72,3 +72,15 @@ def test_format_table_and_input_errors():
         analyse(images[0].astype(np.float32) / 127.5 - 1)
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         score(images[:2], captions[:1])
+
+
+def test_eval_captions_split_seen_and_held_out_combinations():
+    from sdjax.data.shapes import DEFAULT_HELDOUT
+    from sdjax.eval.shapes import eval_captions
+
+    seen, heldout = eval_captions(300, "train"), eval_captions(50, "heldout")
+    assert len(seen) == 300 and len(set(seen)) > 100
+    assert eval_captions(300, "train") == seen  # deterministic
+    pairs = {(p.color, p.shape) for p in map(parse_caption, seen)}
+    assert not pairs & set(DEFAULT_HELDOUT) and len(pairs) == 21
+    assert {(p.color, p.shape) for p in map(parse_caption, heldout)} == set(DEFAULT_HELDOUT)

@@ -14,17 +14,23 @@ judgement is reproducible and auditable:
 
 `score(images, captions)` compares the analysis of each image with the caption it was generated
 from (parsed by `sdjax.data.shapes.parse_caption`); `format_table(seen, heldout)` renders two
-such results as a markdown table. The sampling entry point (`python -m sdjax.eval.shapes
---checkpoint ...`, added with the pipeline) generates images for the seen and held-out caption
-sets and calls these two functions.
+such results as a markdown table. `evaluate(pipe, ...)` generates images for seen and held-out
+captions and scores them; from the shell:
+
+    python -m sdjax.eval.shapes --checkpoint runs/shapes/ldm/export --num_images 200
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from sdjax.data.shapes import COLORS, parse_caption
+from sdjax.data.shapes import COLORS, ShapesDataset, parse_caption
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], np.float32)
@@ -183,3 +189,119 @@ def format_table(results_seen: dict, results_heldout: dict | None = None) -> str
         lines.append(f"| {name} | {r['n']} | {pct(r['color'])} | {pct(r['shape'])} | {pct(r['position'])} "
                      f"| {pct(r['all'])} | {pct(r['size'])} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generate and score: `python -m sdjax.eval.shapes --checkpoint ...`
+# ---------------------------------------------------------------------------------------------------------
+
+EVAL_SEED = 1_000_003  # caption draws for evaluation, apart from any training seed
+
+
+def eval_captions(n: int, split: str, *, seed: int = EVAL_SEED) -> list[str]:
+    """`n` captions drawn as the shapes dataset draws them: split "train" (colour-shape combinations seen in
+    training) or "heldout" (combinations never seen)."""
+    ds = ShapesDataset(split=split, seed=seed, length=max(n, 1))
+    return [ds.labels(i)["caption"] for i in range(n)]
+
+
+def evaluate(pipe, *, num_images: int = 200, seed: int = 0, num_inference_steps: int = 25,
+             guidance_scale: float = 4.0, sampler: str | None = None, size: int = 64, batch_size: int = 50,
+             mesh=None, splits=("train", "heldout"), progress=None) -> dict:
+    """Generate `num_images` per split with `pipe` (a `sdjax.pipeline.StableDiffusion`) and score them.
+
+    Returns {split: {"captions", "images" (uint8 (N, size, size, 3)), **score(...)}}. Image i of a split uses
+    the noise (seed, i). `progress(done, total)` is called after every batch.
+    """
+    from sdjax import pipeline
+
+    if num_images < 1:
+        raise ValueError(f"num_images={num_images}: need at least one image per split")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: need at least 1")
+    devices = 1 if mesh is None else mesh.size
+    batch_size = -(-batch_size // devices) * devices
+    results, done, total = {}, 0, num_images * len(splits)
+    for split in splits:
+        captions = eval_captions(num_images, split)
+        images = []
+        for start in range(0, num_images, batch_size):
+            chunk = captions[start:start + batch_size]
+            n = len(chunk)
+            chunk = chunk + [chunk[-1]] * (batch_size - n)  # one batch shape: compiled once
+            out = pipeline.generate(pipe, chunk, seed=seed, indices=list(range(start, start + batch_size)),
+                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                    sampler=sampler, height=size, width=size, mesh=mesh)
+            images.append(np.asarray(out)[:n])
+            done += n
+            if progress is not None:
+                progress(done, total)
+        images = np.concatenate(images)
+        results[split] = {"captions": captions, "images": images, **score(images, captions)}
+    return results
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdjax.eval.shapes",
+        description="Generate images for shapes captions (seen and held-out colour-shape combinations) and report "
+                    "how often colour, shape and position match the caption.")
+    parser.add_argument("--checkpoint", required=True, help="a trained shapes model (diffusers folder or single file)")
+    parser.add_argument("--num_images", type=int, default=200, help="images per split (default 200)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--sampler", default="DPM++ 2M", help="scheduler name (default DPM++ 2M); \"\" = the checkpoint's own")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--output_dir", default="", help="default: <checkpoint>/../eval")
+    args = parser.parse_args(argv)
+
+    import jax
+    from PIL import Image
+    from tqdm import tqdm
+
+    from sdjax import jobs, pretrained
+
+    if args.size % 8:
+        parser.error(f"--size={args.size} must be a multiple of 8")
+    try:
+        pipe = pretrained.load_pretrained(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f"--checkpoint={args.checkpoint}: {e}")
+    mesh = None
+    if jax.device_count() > 1:
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    bar = tqdm(total=2 * args.num_images, unit="img", desc="generating (first batch compiles)", file=sys.stderr)
+
+    def progress(done, total):
+        bar.set_description("generating")
+        bar.update(done - bar.n)
+
+    start = time.perf_counter()
+    try:
+        results = evaluate(pipe, num_images=args.num_images, seed=args.seed, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance_scale, sampler=args.sampler or None, size=args.size,
+                           batch_size=args.batch_size, mesh=mesh, progress=progress)
+    except ValueError as e:
+        parser.error(str(e))
+    bar.close()
+    out = Path(args.output_dir or Path(args.checkpoint).resolve().parent / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results["train"], results["heldout"])
+    report = {"checkpoint": str(args.checkpoint), "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
+              "seconds": round(time.perf_counter() - start, 1)}
+    for split, r in results.items():
+        Image.fromarray(jobs.grid(list(r["images"][:64]), columns=8)).save(out / f"grid_{split}.png")
+        report[split] = {k: r[k] for k in ("n", "color", "shape", "position", "all", "size", "n_size")}
+        report[split]["images"] = [{"caption": c, **a._asdict()} for c, a in zip(r["captions"], r["analyses"])]
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"\n{2 * args.num_images} images in {report['seconds']:.0f}s; grids, table.md and results.json (every "
+          f"caption and what the analyser saw) in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,59 @@
+"""The offline demo (README's first command), shrunken: stage 1 (VAE), stage 2 (text encoder + UNet), sample.py
+on the result, and the evaluator's command line. The full-size run's accuracy is a benchmark (README), not a test.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.test_train_script import ROOT, cache_dir, losses, run_env, train  # noqa: F401 (fixture)
+
+SMALL = ["--config.data.shapes_size=32", "--config.data.resolution=32", "--config.checkpoint.every=0"]
+
+
+def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noqa: F811
+    env = run_env(cache_dir)
+    train(tmp_path / "vae", *SMALL, "--config.num_steps=3", "--config.batch_size=4", "--config.export.formats=('vae',)",
+          config="shapes_vae", env=env)
+    train(tmp_path / "ldm", *SMALL, f"--config.model.init_from={tmp_path / 'vae'}", "--config.num_steps=40",
+          "--config.batch_size=8", "--config.preview_every=40", "--config.preview.num_inference_steps=2",
+          "--config.optimizer.warmup_steps=5", "--config.export.formats=('diffusers',)", config="shapes", env=env)
+    loss = losses(tmp_path / "ldm")
+    assert sorted(loss) == list(range(1, 41))
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(31, 41)])
+    assert last < 0.8 * first, (first, last)
+    assert (tmp_path / "ldm" / "previews" / "step_0000040.png").exists()
+    assert list((tmp_path / "ldm" / "tensorboard").iterdir())
+    export = tmp_path / "ldm" / "export"
+
+    samples = tmp_path / "samples"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--config", str(ROOT / "configs" / "shapes_sample.py"),
+         f"--config.checkpoint={export}", "--config.steps=2", "--config.height=32", "--config.width=32",
+         f"--config.output_dir={samples}", f"--config.prompts_file={ROOT / 'configs' / 'shapes_prompts.txt'}"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(samples.glob("0*.png"))) == 12 and (samples / "grid.png").exists()
+
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "sdjax.eval.shapes", "--checkpoint", str(export), "--num_images=4", "--steps=2",
+         "--size=32", "--batch_size=4", f"--output_dir={out}"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| seen combinations | 4 |" in result.stdout and "| held-out combinations | 4 |" in result.stdout
+    report = json.loads((out / "results.json").read_text())
+    for split in ("train", "heldout"):
+        assert report[split]["n"] == 4 and len(report[split]["images"]) == 4
+        assert all(0.0 <= report[split][k] <= 1.0 for k in ("color", "shape", "position", "all"))
+    assert (out / "grid_train.png").exists() and (out / "table.md").read_text().startswith("| prompts |")
+
+
+def test_evaluator_rejects_a_missing_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sdjax.eval.shapes", "--checkpoint", str(tmp_path / "nope")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--checkpoint=" in result.stderr and "nope" in result.stderr
