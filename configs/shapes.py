@@ -18,7 +18,6 @@ def get_config(arg=None):
     c.workdir = "runs/shapes/ldm"
     c.model.variant = "shapes"
     c.model.init_from = "runs/shapes/vae"   # stage 1's workdir (its export/vae is loaded and frozen)
-    c.model.prediction_type = "v_prediction"  # epsilon learns next to nothing about layout at high noise
     c.train_text_encoder = True
     c.data.source = "shapes"
     c.data.shapes_size = 64
