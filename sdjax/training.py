@@ -424,14 +424,9 @@ def preview_grid(sample_fn: Callable, modules: dict, prompts: list[str], seed: i
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(prompts):
         raise ValueError(f"sample_fn must return uint8 (B={len(prompts)}, H, W, 3), got {images.dtype} "
                          f"{images.shape}")
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    h, w, c = images.shape[1:]
-    grid = np.zeros((rows * h, columns * w, c), np.uint8)
-    for k, image in enumerate(images):
-        r, col = divmod(k, columns)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-    return grid
+    from sdjax.jobs import grid
+
+    return grid(list(images))
 
 
 def pipeline_sample_fn(tokenizer, scheduler_config: dict, *, num_inference_steps: int = 20,

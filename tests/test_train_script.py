@@ -233,21 +233,11 @@ def train_module(monkeypatch, cache_dir):
 
 
 def tiny_config(workdir, **overrides):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from configs import tiny
-    finally:
-        sys.path.remove(str(ROOT))
-    config = tiny.get_config()
-    settings = {"workdir": str(workdir), "log_every": 1, "progress_bar": False, "optimizer.warmup_steps": 2,
-                "data.shapes_length": 64, "checkpoint.keep": 20, "export.formats": (), **overrides}
-    for key, value in settings.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    from tests.test_training import load_config
+
+    return load_config("tiny", **{"workdir": str(workdir), "log_every": 1, "progress_bar": False,
+                                  "optimizer.warmup_steps": 2, "data.shapes_length": 64, "checkpoint.keep": 20,
+                                  "export.formats": (), **overrides})
 
 
 def fake_train_step(nan_at: int | None = None):
