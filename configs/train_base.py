@@ -57,6 +57,9 @@ def get_config(arg=None):
     c.objective.offset_noise = 0.0    # e.g. 0.05-0.1: darker darks / brighter brights
     c.objective.timestep_min = 0      # train timesteps drawn uniformly from [min, max)
     c.objective.timestep_max = 0      # 0 = num_train_timesteps
+    c.objective.timestep_bias = "none"         # none | later | earlier: draw the last / first portion of
+    c.objective.timestep_bias_portion = 0.25   # [min, max) `multiplier` times as often (diffusers'
+    c.objective.timestep_bias_multiplier = 1.0  # --timestep_bias_strategy); later = more high-noise steps
     c.objective.latent_sample = False  # latents from a posterior sample (True) or its mean (False)
 
     c.autoencoder = ml_collections.ConfigDict()   # stage="autoencoder"

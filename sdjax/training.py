@@ -59,9 +59,38 @@ def merge_modules(graphdefs: dict, states: dict) -> dict[str, nnx.Module]:
 # Objectives
 # ---------------------------------------------------------------------------------------------------------
 
-def sample_timesteps(rng, batch_size: int, t_min: int, t_max: int):
-    """Integer train timesteps uniform in [t_min, t_max)."""
-    return jax.random.randint(rng, (batch_size,), t_min, t_max)
+TIMESTEP_BIASES = ("none", "later", "earlier")
+
+
+def timestep_bias_logits(t_min: int, t_max: int, strategy: str = "none", portion: float = 0.25,
+                         multiplier: float = 1.0):
+    """Log-probabilities over [t_min, t_max) that draw the last ("later") or first ("earlier") `portion` of the
+    range `multiplier` times as often as the rest (diffusers' --timestep_bias_strategy); None = uniform.
+
+    "later" spends more steps at high noise, where a model decides layout from the prompt alone.
+    """
+    if strategy not in TIMESTEP_BIASES:
+        raise ValueError(f"unknown timestep bias {strategy!r}; choose one of {TIMESTEP_BIASES}")
+    if strategy == "none" or multiplier == 1.0:
+        return None
+    if not 0.0 < portion < 1.0 or multiplier <= 0.0:
+        raise ValueError(f"timestep bias needs 0 < portion < 1 and multiplier > 0, got portion={portion}, "
+                         f"multiplier={multiplier}")
+    n = t_max - t_min
+    k = max(1, int(round(portion * n)))
+    weights = np.ones(n)
+    if strategy == "later":
+        weights[n - k:] = multiplier
+    else:
+        weights[:k] = multiplier
+    return np.log(weights / weights.sum()).astype(np.float32)
+
+
+def sample_timesteps(rng, batch_size: int, t_min: int, t_max: int, logits=None):
+    """Integer train timesteps in [t_min, t_max): uniform, or drawn from `logits` (see timestep_bias_logits)."""
+    if logits is None:
+        return jax.random.randint(rng, (batch_size,), t_min, t_max)
+    return t_min + jax.random.categorical(rng, jnp.asarray(logits), shape=(batch_size,))
 
 
 def sample_noise(rng, shape, offset_noise: float = 0.0):
@@ -101,12 +130,16 @@ def min_snr_weights(alphas_cumprod, t, prediction_type: str, gamma: float):
 
 
 def diffusion_loss(unet: Callable, latents, context, rng, alphas_cumprod, *, prediction_type: str = "epsilon",
-                   min_snr_gamma: float = 0.0, offset_noise: float = 0.0, t_min: int = 0, t_max: int | None = None):
-    """The denoising loss of one batch: (scalar loss, {"t": timesteps, "mse": per-example MSE})."""
+                   min_snr_gamma: float = 0.0, offset_noise: float = 0.0, t_min: int = 0, t_max: int | None = None,
+                   timestep_logits=None):
+    """The denoising loss of one batch: (scalar loss, {"t": timesteps, "mse": per-example MSE}).
+
+    Timesteps are uniform in [t_min, t_max), or drawn from `timestep_logits` (over that range) when given.
+    """
     latents = latents.astype(jnp.float32)
     t_max = len(alphas_cumprod) if t_max is None else t_max
     k_t, k_noise = jax.random.split(rng)
-    t = sample_timesteps(k_t, latents.shape[0], t_min, t_max)
+    t = sample_timesteps(k_t, latents.shape[0], t_min, t_max, timestep_logits)
     noise = sample_noise(k_noise, latents.shape, offset_noise)
     noisy = schedulers.add_noise(alphas_cumprod, latents, noise, t)
     target = diffusion_target(prediction_type, alphas_cumprod, latents, noise, t)
@@ -165,6 +198,8 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
     if not 0 <= t_min < t_max <= T:
         raise ValueError(f"objective.timestep_min={obj.timestep_min}, timestep_max={obj.timestep_max}: "
                          f"need 0 <= min < max <= {T} (max=0 means {T})")
+    logits = timestep_bias_logits(t_min, t_max, obj.timestep_bias, obj.timestep_bias_portion,
+                                  obj.timestep_bias_multiplier)
     scaling, shift = latent_scaling
 
     def loss_fn(modules, batch, rng):
@@ -181,7 +216,8 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
             context = modules["text_encoder"](batch["input_ids"], clip_skip=cfg.model.clip_skip)
         loss, aux = diffusion_loss(modules["unet"], latents, context, k_loss, jnp.asarray(alphas_cumprod),
                                    prediction_type=prediction_type, min_snr_gamma=obj.min_snr_gamma,
-                                   offset_noise=obj.offset_noise, t_min=t_min, t_max=t_max)
+                                   offset_noise=obj.offset_noise, t_min=t_min, t_max=t_max,
+                                   timestep_logits=logits)
         return loss, {"mse": jnp.mean(aux["mse"])}
     return loss_fn
 

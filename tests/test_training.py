@@ -95,6 +95,23 @@ def test_offset_noise_shifts_each_channel():
     assert float(jnp.std(offset.mean(axis=(1, 2)))) > 0.6
 
 
+def test_timestep_bias_draws_the_chosen_portion_more_often():
+    assert training.timestep_bias_logits(0, 1000) is None
+    assert training.timestep_bias_logits(0, 1000, "later", 0.25, 1.0) is None
+    # last quarter three times as likely: 3*250 / (750 + 3*250) = half the draws
+    later = training.sample_timesteps(jax.random.key(0), 20_000, 100, 1000,
+                                      training.timestep_bias_logits(100, 1000, "later", 0.25, 3.0))
+    assert int(later.min()) >= 100 and int(later.max()) <= 999
+    assert abs(float(jnp.mean(later >= 775)) - 0.5) < 0.02
+    earlier = training.sample_timesteps(jax.random.key(1), 20_000, 0, 1000,
+                                        training.timestep_bias_logits(0, 1000, "earlier", 0.2, 4.0))
+    assert abs(float(jnp.mean(earlier < 200)) - 0.5) < 0.02  # 4*200 / (800 + 4*200)
+    with pytest.raises(ValueError, match="unknown timestep bias 'late'"):
+        training.timestep_bias_logits(0, 1000, "late", 0.25, 3.0)
+    with pytest.raises(ValueError, match="portion"):
+        training.timestep_bias_logits(0, 1000, "later", 1.5, 3.0)
+
+
 def test_autoencoder_loss_and_kl():
     mean = jnp.array([[[[1.0, 0.0]]]])
     logvar = jnp.array([[[[0.0, jnp.log(2.0)]]]])
@@ -233,6 +250,8 @@ def test_make_loss_fn_checks_the_timestep_range():
     with pytest.raises(ValueError, match="timestep_min"):
         training.make_loss_fn(load_config("tiny", **{"objective.timestep_min": 900, "objective.timestep_max": 100}),
                               scheduler_config=SCHED)
+    with pytest.raises(ValueError, match="unknown timestep bias"):
+        training.make_loss_fn(load_config("tiny", **{"objective.timestep_bias": "high"}), scheduler_config=SCHED)
 
 
 # ---------------------------------------------------------------------------------------------------------
