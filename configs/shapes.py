@@ -7,8 +7,9 @@
 
 Captions come from the procedural grammar of sdjax.data.shapes ("a small green triangle at the top"); the
 colour-shape pairs it holds out (purple triangle, orange circle, green square) are never trained on. 10% of the
-captions are dropped to "" so classifier-free guidance works. Latents are encoded once (cache_latents) and the
-UNet trains with min-SNR-5 weighting; previews every 500 steps go to workdir/previews and TensorBoard.
+captions are dropped to "" so classifier-free guidance works. Latents are encoded once (cache_latents); the UNet
+predicts v under a zero-terminal-SNR schedule with uniform loss weights (min-SNR would take the weight off the
+high-noise steps that place the shape); previews every 500 steps go to workdir/previews and TensorBoard.
 """
 from configs import train_base
 

@@ -27,6 +27,11 @@ REFERENCES = {
                 use_linear_projection=True, upcast_attention=True, cross_attention_dim=64),
     # inpainting: latents + mask + masked-image latents
     "inpaint": dict(_LEVELS, in_channels=9, layers_per_block=1, attention_head_dim=8, cross_attention_dim=48),
+    # the offline demo's layout: a plain first level, cross-attention below it, and bottom/right-only padding
+    # before each stride-2 conv (downsample_padding=0)
+    "shapes": dict(_LEVELS, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=4,
+                   cross_attention_dim=64, downsample_padding=0),
 }
 FULL_SIZE_PARAMS = {"sd15": 859_520_964, "sd15_inpaint": 859_535_364, "sd21_base": 865_910_724,
                     "sd21": 865_910_724}
@@ -118,8 +123,9 @@ def random_unet(cfg, seed=0, **kwargs):
 CASES = {"16x16-scalar-t": (16, 16, 500), "9x13-per-image-t": (9, 13, np.array([10.0, 999.5], np.float32))}
 
 
+# (and sd1 at 9x13 with ControlNet residuals below)
 @pytest.mark.parametrize("name, case", [("sd1", "16x16-scalar-t"), ("sd2", "9x13-per-image-t"),
-                                        ("inpaint", "16x16-scalar-t")])  # and sd1 at 9x13 with ControlNet below
+                                        ("inpaint", "16x16-scalar-t"), ("shapes", "9x13-per-image-t")])
 def test_matches_diffusers(references, name, case):
     ref, unet = references(name)
     height, width, timestep = CASES[case]

@@ -61,7 +61,7 @@ POSITION_ANCHORS = {
     "centre": (0.5, 0.5),
 }
 # Bounding-box side (circle diameter, square side, triangle base = height) as a fraction of the image.
-SIZE_RANGES = {"small": (0.18, 0.26), "large": (0.34, 0.42)}
+SIZE_RANGES = {"small": (0.26, 0.32), "large": (0.38, 0.46)}
 POSITION_JITTER = 0.03
 DEFAULT_HELDOUT = (("purple", "triangle"), ("orange", "circle"), ("green", "square"))
 SPLITS = ("train", "heldout", "all")

@@ -40,7 +40,7 @@ _FILL_WEIGHT = 2.0
 _MIN_FOREGROUND_DISTANCE = 60.0   # RGB distance from the background that counts as "not background"
 _MIN_FOREGROUND_FRACTION = 0.004  # fewer foreground pixels than this: no shape found
 _CENTRE_RADIUS = 0.125
-_LARGE_EXTENT = 0.30
+_LARGE_EXTENT = 0.35
 
 
 class Analysis(NamedTuple):
