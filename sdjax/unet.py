@@ -419,12 +419,11 @@ _TINY = UNetConfig(sample_size=32, block_out_channels=(32, 64), layers_per_block
 
 # The offline demo's UNet (configs/shapes*.py): 16x16x4 latents of 64 px shapes; cross-attention at 8x8 and 4x4
 # only (self-attention over 256 tokens at 16x16 halves CPU training speed; cross-attention alone there costs 40%
-# and did not sharpen shapes). downsample_padding=0 pads each stride-2 conv on the bottom/right only, as SD's VAE
-# does: with it (and 0.26-0.46 shapes) "on the left" / "at the top" are followed 99-100% instead of 14-31%.
+# and did not sharpen shapes).
 _SHAPES = UNetConfig(sample_size=16, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                     cross_attention_dim=64, attention_head_dim=4, downsample_padding=0)
+                     cross_attention_dim=64, attention_head_dim=4)
 
 VARIANTS = {
     "sd15": _SD15,

@@ -27,8 +27,8 @@ REFERENCES = {
                 use_linear_projection=True, upcast_attention=True, cross_attention_dim=64),
     # inpainting: latents + mask + masked-image latents
     "inpaint": dict(_LEVELS, in_channels=9, layers_per_block=1, attention_head_dim=8, cross_attention_dim=48),
-    # the offline demo's layout: a plain first level, cross-attention below it, and bottom/right-only padding
-    # before each stride-2 conv (downsample_padding=0)
+    # the offline demo's layout (a plain first level, cross-attention below it), here with bottom/right-only
+    # padding before each stride-2 conv (downsample_padding=0)
     "shapes": dict(_LEVELS, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=4,
                    cross_attention_dim=64, downsample_padding=0),
