@@ -58,6 +58,11 @@ def init_processes(config) -> None:
     """Multi-process set-up (distributed.enabled, or JAX_COORDINATOR_ADDRESS in the environment); must run
     before anything touches the devices."""
     dist = config.distributed
+    if config.mesh.cpu_devices > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:  # one CPU device per core runs the data-parallel halves of a step side by side
+            jax.config.update("jax_num_cpu_devices", config.mesh.cpu_devices)
+        except RuntimeError as e:  # JAX already started in this process (a notebook, a test): keep its devices
+            log.warning("mesh.cpu_devices=%d not applied: %s", config.mesh.cpu_devices, e)
     if dist.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
     if config.compilation_cache_dir:
@@ -145,6 +150,7 @@ def main(config, *, sample_fn=None) -> dict:
     # Mesh and data: each process reads its own rows of every global batch.
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     nproc, accum = jax.process_count(), config.optimizer.grad_accum_steps
+    log.info("mesh %s over %d %s device(s)", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
     if config.batch_size % mesh.size or config.batch_size % nproc:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.size} devices")
     dataset = make_dataset(config)

@@ -86,6 +86,8 @@ def get_config(arg=None):
     c.mesh.data = -1               # devices along the data axis (-1: the rest)
     c.mesh.fsdp = 1                # parameter / optimizer-state sharding axis
     c.mesh.fsdp_min_size = 2 ** 14  # smaller arrays stay replicated
+    c.mesh.cpu_devices = 0         # > 0: split the CPU into this many JAX devices (one per core: ~20% faster
+                                   # on 2 cores); XLA_FLAGS=--xla_force_host_platform_device_count wins
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 1000      # and at the end, and on SIGTERM; 0 = never (benchmarks)

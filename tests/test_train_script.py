@@ -156,6 +156,15 @@ def test_fsdp_mesh_on_8_devices_matches_one_device(reference, mesh8):
     assert_states_close(checkpoint_state(mesh8, 3), checkpoint_state(reference, 3), rtol=1e-5)
 
 
+def test_cpu_devices_splits_the_cpu_and_matches_one_device(tmp_path, cache_dir, tiny_sd1, reference):
+    result = train(tmp_path / "cpu2", f"--config.model.init_from={tiny_sd1}", "--config.num_steps=2",
+                   "--config.mesh.cpu_devices=2", env=run_env(cache_dir))
+    assert "over 2 cpu device(s)" in result.stderr
+    ref, got = losses(reference), losses(tmp_path / "cpu2")
+    for step in (1, 2):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5)
+
+
 def test_two_processes_match_one_process_on_8_devices(tmp_path, cache_dir, tiny_sd1, mesh8):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
