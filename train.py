@@ -55,8 +55,8 @@ def make_dataset(config):
 
 
 def init_processes(config) -> None:
-    """Multi-process set-up (distributed.enabled, or JAX_COORDINATOR_ADDRESS in the environment); must run
-    before anything touches the devices."""
+    """Device set-up: mesh.cpu_devices, then multi-process (distributed.enabled, or JAX_COORDINATOR_ADDRESS in the
+    environment); must run before anything touches the devices."""
     dist = config.distributed
     if config.mesh.cpu_devices > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:  # one CPU device per core runs the data-parallel halves of a step side by side
