@@ -9,9 +9,10 @@ A scheduler here is not an object with mutable state. It is
 The per-sampler step functions that consume a Schedule live in `sdjax.samplers`; the loop in `sdjax.sampling`.
 
 The base tables are built in float32 with the same operations as diffusers (torch's float32 linspace, a
-cumprod accumulated in float64), so `alphas_cumprod` matches diffusers bit for bit (to the last bit of
-torch's float32 sqrt with rescale_betas_zero_snr); everything derived from them is computed in float64 numpy
-and only rounded to float32 when a sampling loop runs.
+cumprod accumulated in float64, IEEE sqrt), so `alphas_cumprod` matches diffusers bit for bit. (torch's own
+float32 sqrt is not correctly rounded on some CPUs; with rescale_betas_zero_snr diffusers' table then moves by a
+last bit there, which the cancellation grows to ~3e-5 in a sigma: sdjax's tables are the same on every machine.)
+Everything derived from the tables is computed in float64 numpy and only rounded to float32 when a loop runs.
 """
 from __future__ import annotations
 

@@ -5,9 +5,15 @@ latents are float64, so it is diffusers' algorithm without diffusers' own float3
 reaches ~1e-5 on some runs, e.g. zero-SNR Euler whose first sigma is 4096). sdjax runs in float32.
 Stochastic samplers get sdjax's noise: diffusers' `randn_tensor` is patched to return
 `sampling.step_noise(rng, call_index, shape)`.
+
+Schedulers are built under `ieee_sqrt()`: torch's float32 (and float64) sqrt on some x86 CPUs (AVX2 builds) is
+not correctly rounded (182 of the 1,000 SD `alphas_cumprod` square roots differ from IEEE sqrt by one ulp), and
+the zero-terminal-SNR rescale (a difference of square roots) turns that last bit into ~3e-5 in a sigma. With
+IEEE sqrt the reference tables are the same on every machine; sdjax builds its tables with numpy's IEEE sqrt.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from functools import partial
@@ -56,10 +62,24 @@ def _all_step_noise(rng, calls, shape):
     return jax.vmap(lambda i: sampling.step_noise(rng, i, shape))(jnp.arange(calls))
 
 
-def diffusers_scheduler(config: dict, num_inference_steps: int):
+@contextlib.contextmanager
+def ieee_sqrt():
+    """`Tensor.sqrt` (what diffusers' `rescale_zero_terminal_snr` calls) correctly rounded, as numpy's."""
+    torch_sqrt = torch.Tensor.sqrt
+    torch.Tensor.sqrt = lambda self: torch.from_numpy(np.sqrt(self.detach().cpu().numpy()))
+    try:
+        yield
+    finally:
+        torch.Tensor.sqrt = torch_sqrt
+
+
+def diffusers_scheduler(config: dict, num_inference_steps: int | None = None):
+    """diffusers' scheduler for `config` (built under `ieee_sqrt`), with `set_timesteps` done if given steps."""
     cls = getattr(diffusers, config["_class_name"])
-    sched = cls.from_config({k: v for k, v in config.items() if k != "eta"})
-    sched.set_timesteps(num_inference_steps)
+    with ieee_sqrt():
+        sched = cls.from_config({k: v for k, v in config.items() if k != "eta"})
+        if num_inference_steps is not None:
+            sched.set_timesteps(num_inference_steps)
     return sched
 
 
