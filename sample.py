@@ -15,10 +15,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
     from sdjax import jobs
 
-    if _CONFIG.value.distributed:  # one process per host; coordinator from the cluster or JAX_COORDINATOR_ADDRESS
+    if _CONFIG.value.distributed:  # one process per host; the cluster tells each its id and the coordinator
         import jax
 
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # no cluster that jax recognises
+            print(f"sample.py: error: --config.distributed=True: {e} jax.distributed.initialize() reads the "
+                  "coordinator, the process count and this process's id from SLURM, Open MPI, Kubernetes or "
+                  "Cloud TPU: launch one process per host through one of them", file=sys.stderr)
+            sys.exit(2)
     try:
         jobs.run(_CONFIG.value)
     except jobs.ConfigError as e:

@@ -68,14 +68,29 @@ def init_processes(config) -> None:
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     if dist.enabled or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # the config's fields first, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then
+        # jax's cluster detection (SLURM, Open MPI, TPU pods, Kubernetes) for whatever is still unset
         kwargs = {}
-        if dist.coordinator_address:
-            kwargs["coordinator_address"] = dist.coordinator_address
-        if dist.num_processes:
-            kwargs["num_processes"] = dist.num_processes
-        if dist.process_id >= 0:
-            kwargs["process_id"] = dist.process_id
+        address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+        num_processes = dist.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
+        process_id = dist.process_id if dist.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+        if address:
+            kwargs["coordinator_address"] = address
+        if num_processes:
+            kwargs["num_processes"] = num_processes
+        if process_id >= 0:
+            kwargs["process_id"] = process_id
         jax.distributed.initialize(**kwargs)
+
+
+def check_batch_size(batch_size: int, num_devices: int, num_processes: int) -> None:
+    """The global batch (per micro-step) splits evenly over the mesh's devices and over the processes; else a
+    ValueError that names whichever of the two it does not."""
+    failed = [f"the {n} {what}" for n, what in ((num_devices, "devices of the mesh"),
+                                                  (num_processes, "processes (each reads batch_size / processes rows)"))
+              if batch_size % n]
+    if failed:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of " + " and of ".join(failed))
 
 
 class Reporter:
@@ -151,23 +166,21 @@ def main(config, *, sample_fn=None) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     nproc, accum = jax.process_count(), config.optimizer.grad_accum_steps
     log.info("mesh %s over %d %s device(s)", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
-    if config.batch_size % mesh.size or config.batch_size % nproc:
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.size} devices")
+    check_batch_size(config.batch_size, mesh.size, nproc)
     dataset = make_dataset(config)
     prep = preprocess.make_preprocess(config.data.resolution, center_crop=config.data.center_crop,
                                       random_flip=config.data.random_flip,
                                       caption_dropout=config.data.caption_dropout if config.stage == "diffusion" else 0.0,
                                       resample=config.data.resample)
 
-    # Models: structure and pretrained weights; random ones are born sharded.
+    # Models: structure and pretrained weights; random ones drawn by one small program, cut on the host
+    # (sdjax.initializers); all placed sharded.
     models = training.build_models(config)
     trainable = training.trainable_modules(config)
     min_size = config.mesh.fsdp_min_size
     module_shardings = sharding.param_shardings(mesh, models.abstract_states(), min_size=min_size)
-    states = sharding.put_global(models.loaded, {k: module_shardings[k] for k in models.loaded})
-    if models.init_fn is not None:
-        random_names = [k for k in module_shardings if k not in models.loaded]
-        states.update(jax.jit(models.init_fn, out_shardings={k: module_shardings[k] for k in random_names})())
+    states = {**models.loaded, **(models.init_fn() if models.init_fn is not None else {})}
+    states = sharding.put_global(states, {k: module_shardings[k] for k in states})
     params = {k: states.pop(k) for k in trainable}
     frozen = states
 
@@ -186,7 +199,8 @@ def main(config, *, sample_fn=None) -> dict:
                         config.batch_size, config.seed, meta.get("batch_size"), meta.get("seed"))
         log.info("resumed from %s at step %d", ckpt.directory, meta["step"])
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=0)(params)
+        state = training.sharded_init_state(params, tx, state_shardings, seed=config.seed,
+                                            ema_decay=config.ema.decay)
 
     log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start,
              f"{sum(np.size(x) for x in jax.tree.leaves(state['params'])):,}")

@@ -5,7 +5,9 @@
     python benchmarks/sample.py --config configs/sample.py --config.variant=sd15 --config.dtype=bfloat16 \
         --config.batch_size=8 --config.steps=50                                          # SD 1.5, 512 px, a GPU
 
-Random weights of `--config.variant` (or `--config.checkpoint`). The first call compiles and runs; each
+Random weights of `--config.variant` (or `--config.checkpoint`). `load_s` is the time `sdjax.load_pretrained` takes
+to load the checkpoint, or, for a variant, a diffusers folder of its random weights written to a temporary directory
+first (so the files are in the page cache); parameters ready on the device. The first call compiles and runs; each
 timed call runs the whole program (text encoding, `steps` UNet steps with classifier-free guidance, VAE
 decode). The per-step time is the slope between a run of `steps` and a run of `steps // 2` steps, so it
 excludes text encoding and decoding. Prints a table; `--output` also writes JSON.
@@ -34,6 +36,30 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _load(config):
+    """(the pipeline, seconds `load_pretrained` took): on the checkpoint, or on the variant saved as a folder."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sdjax import jobs, pretrained
+
+    def timed(load):
+        start = time.perf_counter()
+        pipe = load()
+        jax.block_until_ready(nnx.state((pipe.text_encoder, pipe.unet, pipe.vae)))
+        return pipe, time.perf_counter() - start
+
+    if config.checkpoint:
+        return timed(lambda: jobs.load_model(config))
+    with tempfile.TemporaryDirectory(prefix="sdjax-bench-") as folder:
+        pretrained.save_pretrained(jobs.load_model(config), folder)
+        return timed(lambda: pretrained.load_pretrained(folder, dtype=getattr(jnp, config.dtype),
+                                                        attention_impl=config.attention))
+
+
 def main(argv):
     del argv
     import jax
@@ -43,7 +69,7 @@ def main(argv):
     config = _CONFIG.value
     if not config.checkpoint and not config.variant:
         config.variant = "tiny"
-    pipe = jobs.load_model(config)
+    pipe, load_s = _load(config)
     mesh = jobs._make_mesh(config)
     batch = -(-config.batch_size // mesh.size) * mesh.size
     size = (config.height or pipe.default_size, config.width or pipe.default_size)
@@ -63,7 +89,7 @@ def main(argv):
         "model": config.checkpoint or config.variant, "device": jax.devices()[0].device_kind,
         "devices": mesh.size, "dtype": config.dtype, "size": f"{size[1]}x{size[0]}", "batch": batch,
         "steps": full, "sampler": config.sampler or pipe.scheduler_config.get("_class_name"),
-        "first_call_s": round(compile_s, 3), "compile_s": round(compile_s - t_full, 3),
+        "load_s": round(load_s, 3), "first_call_s": round(compile_s, 3), "compile_s": round(compile_s - t_full, 3),
         "call_s": round(t_full, 4), "step_ms": round(1000 * step_s, 3), "images_per_s": round(batch / t_full, 3),
     }
     width = max(map(len, result))

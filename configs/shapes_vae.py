@@ -1,6 +1,6 @@
 """The offline demo, stage 1 of 2: train the autoencoder (VAE) of a latent diffusion model on procedural shapes.
 
-    python train.py --config configs/shapes_vae.py     # ~3 min on 2 CPU cores -> runs/shapes/vae/export/vae
+    python train.py --config configs/shapes_vae.py     # 5 to 9 min on 2 CPU cores -> runs/shapes/vae/export/vae
     python train.py --config configs/shapes.py         # stage 2: text encoder + UNet on its latents
 
 64x64 images of one coloured shape (sdjax.data.shapes) <-> 16x16x4 latents (the `shapes` variant's VAE,

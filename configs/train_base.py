@@ -111,8 +111,8 @@ def get_config(arg=None):
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set);
                                    # with no address it detects SLURM / Open MPI / TPU pods / Kubernetes
-    c.distributed.coordinator_address = ""  # "host:port"; with num_processes and process_id when not automatic
-    c.distributed.num_processes = 0
+    c.distributed.coordinator_address = ""  # "host:port" (or JAX_COORDINATOR_ADDRESS); with num_processes and
+    c.distributed.num_processes = 0         # process_id (or JAX_NUM_PROCESSES, JAX_PROCESS_ID) when not automatic
     c.distributed.process_id = -1
     c.distributed.cpu_collectives = ""  # "gloo" for multi-process CPU runs
     c.compilation_cache_dir = ""   # persistent XLA compilation cache (restarts skip compiling)

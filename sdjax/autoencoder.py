@@ -4,8 +4,10 @@ Module and attribute names mirror diffusers (`encoder.down_blocks.0.resnets.0.co
 `encoder.mid_block.attentions.0.to_q`, `quant_conv`, `decoder.up_blocks.0.upsamplers.0.conv`, ...),
 so `sdjax.weights.torch_names` loads a diffusers `vae/` state dict as is.
 
-Latent scaling is left to callers: the UNet works on `(z - shift_factor) * scaling_factor`
-(shift_factor is None, i.e. 0, for SD 1.x / 2.x) and `decode` takes `z / scaling_factor + shift_factor`.
+Latent scaling lives in one pair of functions, used by the pipeline, training and the latent cache's
+consumers: `to_latents(z, config.latent_scaling)` turns the VAE's latents into the diffusion model's,
+`(z - shift_factor) * scaling_factor` (shift_factor is None, i.e. 0, for SD 1.x / 2.x), and
+`from_latents` undoes it before `decode`.
 """
 from __future__ import annotations
 
@@ -64,6 +66,25 @@ class AutoencoderKLConfig:
 
     def to_diffusers(self) -> dict:
         return {"_class_name": "AutoencoderKL", **modelconfig.to_dict(self)}
+
+    @property
+    def latent_scaling(self) -> tuple[float, float]:
+        """(scaling_factor, shift_factor), shift 0.0 when unset: what `to_latents` / `from_latents` take."""
+        return float(self.scaling_factor), float(self.shift_factor or 0.0)
+
+
+def to_latents(z, latent_scaling: tuple[float, float]):
+    """The VAE's latents (posterior mean or sample) -> the diffusion model's: (z - shift) * scale.
+
+    latent_scaling: (scaling_factor, shift_factor), e.g. `vae.config.latent_scaling`."""
+    scale, shift = latent_scaling
+    return (z - shift) * scale
+
+
+def from_latents(latents, latent_scaling: tuple[float, float]):
+    """The diffusion model's latents -> the VAE's (what `AutoencoderKL.decode` takes): latents / scale + shift."""
+    scale, shift = latent_scaling
+    return latents / scale + shift
 
 
 VARIANTS = {
@@ -204,7 +225,7 @@ class AutoencoderKL(nnx.Module):
         """Images (B, H, W, 3) in [-1, 1] -> the posterior's (mean, logvar), each (B, H/8, W/8, latent_channels).
 
         logvar is clipped to [-30, 20] as diffusers' DiagonalGaussianDistribution does. The UNet's input
-        is `(mean or sample_latent(...)) * config.scaling_factor` (minus shift_factor first, when set).
+        is `to_latents(mean or sample_latent(...), config.latent_scaling)`.
         """
         h = self.encoder(x)
         if self.quant_conv is not None:
@@ -215,7 +236,7 @@ class AutoencoderKL(nnx.Module):
     def decode(self, z):
         """Unscaled latents (B, h, w, latent_channels) -> images (B, 8h, 8w, 3), roughly in [-1, 1].
 
-        Latents from the UNet must first be divided by config.scaling_factor (then shift_factor added).
+        Latents from the UNet go through `from_latents(latents, config.latent_scaling)` first.
         """
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)

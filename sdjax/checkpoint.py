@@ -21,7 +21,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +130,13 @@ def find_vae_folder(path: str | os.PathLike) -> Path:
 def load_vae(path: str | os.PathLike, **kwargs):
     """An AutoencoderKL from `find_vae_folder(path)`; kwargs: dtype, param_dtype, attention_impl."""
     from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig
+    from sdjax.initializers import plan
     from sdjax.weights import diffusers_folder as df
     from sdjax.weights.torch_names import load_state_dict
 
     folder = find_vae_folder(path)
     config = AutoencoderKLConfig.from_diffusers(df.read_json(folder / "config.json"))
-    vae = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), **kwargs))
+    vae, _ = plan(lambda rngs: AutoencoderKL(config, rngs=rngs, **kwargs))  # abstract: nothing initialised
     load_state_dict(vae, df.read_weights(folder, df.WEIGHT_NAMES["vae"]), what=str(folder))
     return vae
 

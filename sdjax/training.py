@@ -12,7 +12,7 @@ tree mode. Trainable modules live in `params`; frozen ones (the VAE, a frozen te
 separate, non-donated argument.
 
 Objectives:
-  diffusion    latents = vae.encode(images) (mean, or a posterior sample) * scaling_factor; t ~ U[t_min, t_max);
+  diffusion    latents = to_latents(vae.encode(images) (mean, or a posterior sample)); t ~ U[t_min, t_max);
                x_t = add_noise(latents, noise, t); the UNet regresses noise (epsilon), v (v_prediction)
                or the latents (sample), MSE, optionally min-SNR-gamma weighted, with optional offset noise.
   autoencoder  reconstruct images through a posterior sample: L1 or L2 + kl_weight * KL (LDM's
@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from sdjax import schedulers
-from sdjax.autoencoder import sample_latent
+from sdjax.autoencoder import sample_latent, to_latents
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -117,13 +117,15 @@ def min_snr_weights(alphas_cumprod, t, prediction_type: str, gamma: float):
     """Min-SNR-gamma loss weights (Hang et al. 2023) in each target's parameterisation; ones when gamma <= 0.
 
     epsilon: min(snr, g) / snr; v_prediction: min(snr, g) / (snr + 1); sample: min(snr, g).
+    epsilon at snr = 0 (the last step of a zero-terminal-SNR schedule) gets 1, the formula's limit (it is 1 for
+    every snr < g), not 0 / 0 = NaN (which diffusers' train_text_to_image.py computes there).
     """
     if gamma <= 0:
         return jnp.ones(jnp.shape(t), jnp.float32)
     snr = schedulers.snr(alphas_cumprod, t).astype(jnp.float32)
     clipped = jnp.minimum(snr, gamma)
     if prediction_type == "epsilon":
-        return clipped / snr
+        return jnp.where(snr < gamma, jnp.float32(1), gamma / jnp.maximum(snr, gamma))
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped
@@ -176,7 +178,8 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
     """loss_fn(modules, batch, rng) -> (loss, metrics) for `cfg.stage`.
 
     Diffusion batches hold "images" (B, R, R, 3) in [-1, 1] or cached "latent_mean"/"latent_logvar", and
-    "input_ids" (B, 77) or cached "context". `latent_scaling` is the VAE's (scaling_factor, shift_factor).
+    "input_ids" (B, 77) or cached "context". `latent_scaling` is the VAE's (scaling_factor, shift_factor),
+    `vae_config.latent_scaling`: the loss sees `sdjax.autoencoder.to_latents(z, latent_scaling)`, as the pipeline.
     """
     if cfg.stage == "autoencoder":
         ae = cfg.autoencoder
@@ -200,7 +203,6 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
                          f"need 0 <= min < max <= {T} (max=0 means {T})")
     logits = timestep_bias_logits(t_min, t_max, obj.timestep_bias, obj.timestep_bias_portion,
                                   obj.timestep_bias_multiplier)
-    scaling, shift = latent_scaling
 
     def loss_fn(modules, batch, rng):
         k_latent, k_loss = jax.random.split(rng)
@@ -209,7 +211,7 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
         else:
             mean, logvar = jax.lax.stop_gradient(modules["vae"].encode(batch["images"]))
         z = sample_latent(mean, logvar, k_latent) if obj.latent_sample else mean
-        latents = (z.astype(jnp.float32) - shift) * scaling
+        latents = to_latents(z.astype(jnp.float32), latent_scaling)
         if "context" in batch:
             context = batch["context"]
         else:
@@ -299,11 +301,34 @@ def ema_update(ema, params, decay):
 # ---------------------------------------------------------------------------------------------------------
 
 def init_state(params: dict, tx: optax.GradientTransformation, *, seed: int, ema_decay: float) -> dict:
-    """The step-0 train state for `params` (call under jit with out_shardings to create it sharded)."""
+    """The step-0 train state for `params` (`sharded_init_state` creates it sharded)."""
     state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed)),
              "params": params, "opt_state": tx.init(params)}
     if ema_decay > 0:
         state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def sharded_init_state(params: dict, tx: optax.GradientTransformation, shardings: dict, *, seed: int,
+                       ema_decay: float) -> dict:
+    """`jax.jit(init_state, out_shardings=shardings, donate_argnums=0)(params)`, without compiling a kernel per
+    parameter (XLA's cost on a CPU: ~1-2 ms each, seconds for a small model's parameters, EMA and Adam moments).
+
+    `params` (global arrays) become the state's parameters as they are, placed as shardings["params"]; the EMA
+    is a copy the runtime makes (`jax.device_put`); the optimizer state's constants (zeros, counts) are placed
+    from the host and the rest (the key) comes from a jitted program (`sharding.jit_placed`).
+    """
+    from sdjax.sharding import jit_placed
+
+    def rest(p):
+        state = init_state(p, tx, seed=seed, ema_decay=0.0)
+        del state["params"]
+        return state
+
+    state = jit_placed(rest, {k: v for k, v in shardings.items() if k not in ("params", "ema")}, params)
+    state["params"] = jax.device_put(params, shardings["params"])
+    if ema_decay > 0:
+        state["ema"] = jax.device_put(params, shardings["ema"], may_alias=False)
     return state
 
 
@@ -386,14 +411,15 @@ class Models:
 
     graphdefs: dict            # {name: nnx graphdef}
     loaded: dict               # {name: pure state} of modules read from disk
-    init_fn: Callable | None   # () -> {name: pure state} of the randomly initialised ones
+    init_fn: Callable | None   # () -> {name: pure state of numpy arrays} of the randomly initialised ones
     tokenizer: Any
     scheduler_config: dict
     vae_config: Any            # the VAE's AutoencoderKLConfig (latent scaling)
+    abstract: dict = dataclasses.field(default_factory=dict)  # {name: ShapeDtypeStructs} of what init_fn makes
 
     def abstract_states(self) -> dict:
         """ShapeDtypeStructs of every module's state."""
-        out = jax.eval_shape(self.init_fn) if self.init_fn is not None else {}
+        out = dict(self.abstract)
         out.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.loaded))
         return out
 
@@ -404,7 +430,8 @@ def build_models(cfg) -> Models:
       * a VAE (a diffusers vae/ folder, or an autoencoder run's workdir or export): the VAE is loaded and
         the rest is a random `model.variant` (training a latent diffusion model from scratch);
       * "": everything is a random `model.variant`.
-    Random modules are not created here: `Models.init_fn` does it (jit it with out_shardings).
+    Random modules are only planned here (sdjax.initializers): `Models.init_fn` draws their values on the host,
+    bit for bit what `variant.build(seed=cfg.seed)` initialises, in one small program.
     """
     from sdjax import pretrained, variants
     from sdjax.checkpoint import find_vae_folder, load_vae
@@ -432,7 +459,7 @@ def build_models(cfg) -> Models:
             loaded_modules["vae"] = load_vae(m.init_from, **kwargs)
         tokenizer = default_tokenizer(pad_token_id=pretrained._PAD_IDS[variant.text_encoder.family])
         scheduler_config = dict(variant.scheduler)
-        abstract = dict(zip(("text_encoder", "unet", "vae"), nnx.eval_shape(lambda: variant.build(**kwargs))))
+        abstract, init_plan = variant.plan([name for name in names if name not in loaded_modules], **kwargs)
     if m.prediction_type:
         scheduler_config["prediction_type"] = m.prediction_type
     modules = {name: loaded_modules.get(name, abstract.get(name)) for name in names}
@@ -442,12 +469,12 @@ def build_models(cfg) -> Models:
     random_names = tuple(name for name in names if name not in loaded_modules)
 
     def init_fn():
-        built = dict(zip(("text_encoder", "unet", "vae"), variants.get(m.variant).build(seed=cfg.seed, **kwargs)))
-        return split_modules({name: built[name] for name in random_names})[1]
+        return init_plan.values({name: states[name] for name in random_names}, seed=cfg.seed)
 
     vae = loaded_modules.get("vae", abstract.get("vae"))
     return Models(graphdefs, {name: states[name] for name in names if name in loaded_modules},
-                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config)
+                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config,
+                  abstract={name: states[name] for name in random_names})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from flax import nnx
 
 from sdjax import modelconfig
 from sdjax.layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D, activation,
-                          conv)
+                          conv, linear)
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -159,8 +159,8 @@ class TimestepEmbedding(nnx.Module):
     def __init__(self, in_channels: int, time_embed_dim: int, *, act_fn: str = "silu", dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.act = activation(act_fn)
-        self.linear_1 = nnx.Linear(in_channels, time_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = nnx.Linear(time_embed_dim, time_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = linear(in_channels, time_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(time_embed_dim, time_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.linear_2(self.act(self.linear_1(x)))
@@ -168,7 +168,7 @@ class TimestepEmbedding(nnx.Module):
 
 class GEGLU(nnx.Module):
     def __init__(self, dim_in: int, dim_out: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.proj = nnx.Linear(dim_in, dim_out * 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = linear(dim_in, dim_out * 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         h, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -180,7 +180,7 @@ class FeedForward(nnx.Module):
 
     def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.net = nnx.List([GEGLU(dim, dim * mult, **kw), nnx.Dropout(0.0), nnx.Linear(dim * mult, dim, **kw)])
+        self.net = nnx.List([GEGLU(dim, dim * mult, **kw), nnx.Dropout(0.0), linear(dim * mult, dim, **kw)])
 
     def __call__(self, x):
         return self.net[2](self.net[0](x))
@@ -221,7 +221,7 @@ class Transformer2DModel(nnx.Module):
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(norm_num_groups, in_channels, eps=1e-6, **kw)
         if use_linear_projection:
-            self.proj_in, self.proj_out = nnx.Linear(in_channels, inner, **kw), nnx.Linear(inner, in_channels, **kw)
+            self.proj_in, self.proj_out = linear(in_channels, inner, **kw), linear(inner, in_channels, **kw)
         else:
             self.proj_in, self.proj_out = conv(in_channels, inner, 1, padding=0, **kw), conv(inner, in_channels, 1,
                                                                                            padding=0, **kw)

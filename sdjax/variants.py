@@ -13,7 +13,9 @@ import dataclasses
 
 from flax import nnx
 
-from sdjax import autoencoder, clip, unet
+from sdjax import autoencoder, clip, initializers, unet
+
+MODULES = ("text_encoder", "unet", "vae")  # a variant's modules, in the order `build` creates them
 
 _SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -44,10 +46,30 @@ class Variant:
 
     def build(self, *, seed: int = 0, **kwargs):
         """Randomly initialised (text_encoder, unet, vae); kwargs: dtype, param_dtype, attention_impl."""
-        rngs = nnx.Rngs(seed)
-        return (clip.CLIPTextEncoder(self.text_encoder, rngs=rngs, **kwargs),
-                unet.UNet2DConditionModel(self.unet, rngs=rngs, **kwargs),
-                autoencoder.AutoencoderKL(self.vae, rngs=rngs, **kwargs))
+        modules = self._construct(nnx.Rngs(seed), MODULES, **kwargs)
+        return tuple(modules[name] for name in MODULES)
+
+    def plan(self, names: tuple[str, ...] = None, **kwargs):
+        """({name: module with jax.ShapeDtypeStruct parameters} for `names` (default: all three), the
+        `initializers.Plan` of their values): nothing is computed; `plan.values(states, seed)` gives what
+        `build(seed=seed)` initialises, from one small program (see sdjax.initializers)."""
+        names = MODULES if names is None else tuple(names)
+        return initializers.plan(lambda rngs: self._construct(rngs, names, **kwargs))
+
+    def _construct(self, rngs, names, **kwargs):
+        """The modules of `names`, built in MODULES order from one `rngs` (so each draws the keys it does in
+        `build`), up to the last of `names`: what comes after draws later and changes nothing before."""
+        constructors = {"text_encoder": lambda: clip.CLIPTextEncoder(self.text_encoder, rngs=rngs, **kwargs),
+                        "unet": lambda: unet.UNet2DConditionModel(self.unet, rngs=rngs, **kwargs),
+                        "vae": lambda: autoencoder.AutoencoderKL(self.vae, rngs=rngs, **kwargs)}
+        unknown = set(names) - set(MODULES)
+        if unknown:
+            raise ValueError(f"unknown modules {sorted(unknown)}; a variant has {MODULES}")
+        if not names:
+            return {}
+        last = max(MODULES.index(name) for name in names)
+        built = {name: constructors[name]() for name in MODULES[:last + 1]}
+        return {name: built[name] for name in names}
 
 
 VARIANTS = {

@@ -49,7 +49,8 @@ def test_bad_implementation():
         dot_product_attention(q, k, v, implementation="flash")
 
 
-@pytest.mark.skipif(__import__("jax").default_backend() == "gpu", reason="the error is for machines without a GPU")
+@pytest.mark.skipif(__import__("jax").default_backend() == "gpu",
+                    reason="needs a machine without a GPU: the error is for those")
 def test_cudnn_without_gpu_is_a_clear_error():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"'cudnn' needs an NVIDIA GPU"):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdjax.autoencoder import VARIANTS, AutoencoderKL, AutoencoderKLConfig, sample_latent
+from sdjax.autoencoder import VARIANTS, AutoencoderKL, AutoencoderKLConfig, from_latents, sample_latent, to_latents
 from sdjax.weights.torch_names import load_state_dict, to_state_dict
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 TINY = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
             up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
@@ -159,3 +159,78 @@ def test_sample_latent():
     assert abs(float(s.mean()) - 0.5) < 0.01 and abs(float(s.std()) - 0.5) < 0.01
     np.testing.assert_allclose(sample_latent(mean, jnp.full_like(mean, -30.0), jax.random.key(1)), mean, atol=1e-5)
     assert not np.array_equal(s, sample_latent(mean, logvar, jax.random.key(1)))
+
+
+SHIFTED = dict(TINY, scaling_factor=0.3611, shift_factor=0.1159)  # a VAE whose latents are shifted, then scaled
+
+
+def test_latent_scaling_with_a_shift_factor_round_trips():
+    """to_latents = (z - shift) * scale, from_latents undoes it; shift_factor survives diffusers' config."""
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKL(**SHIFTED)
+    cfg = AutoencoderKLConfig.from_diffusers(dict(ref.config))
+    assert cfg.latent_scaling == (0.3611, 0.1159)
+    assert AutoencoderKLConfig.from_diffusers(cfg.to_diffusers()) == cfg
+    assert AutoencoderKLConfig.from_diffusers(TINY).latent_scaling == (0.18215, 0.0)  # shift_factor None
+    z = jnp.asarray(np.random.default_rng(0).normal(0.3, 4.0, (2, 8, 8, 4)).astype(np.float32))
+    latents = to_latents(z, cfg.latent_scaling)
+    np.testing.assert_allclose(latents, (np.asarray(z) - 0.1159) * 0.3611, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(from_latents(latents, cfg.latent_scaling), z, rtol=1e-6, atol=1e-6)
+    assert abs(float(jnp.mean(latents) - jnp.mean(z) * 0.3611)) > 0.03  # the shift is applied, not dropped
+
+
+class _Identity:
+    """A stand-in UNet (x_t, t, context) -> x_t: the loss then depends on the latents it is given."""
+
+    def __call__(self, x, t, context):
+        return x
+
+
+class _FixedVAE:
+    """A stand-in VAE whose encode returns given posterior moments (the training step's own encode path)."""
+
+    def __init__(self, mean, logvar):
+        self.moments = (jnp.asarray(mean), jnp.asarray(logvar))
+
+    def encode(self, images):
+        return self.moments
+
+
+def test_training_loss_uses_to_latents_with_the_shift():
+    """make_loss_fn scales cached and freshly encoded latents with to_latents: shifting the VAE's latents by c
+    and setting shift_factor=c gives the same loss; dropping the shift does not."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from sdjax import training, variants
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        cfg = importlib.import_module("configs.tiny").get_config()
+    finally:
+        sys.path.pop(0)
+    cfg.objective.latent_sample = True
+    rng = np.random.default_rng(1)
+    mean = rng.normal(0.5, 3.0, (4, 8, 8, 4)).astype(np.float32)
+    logvar = np.full_like(mean, -2.0)
+    context = np.zeros((4, 77, 32), np.float32)
+    scaling = AutoencoderKLConfig.from_diffusers(SHIFTED).latent_scaling
+    sched = variants.SCHEDULERS["sd1"]
+    key = jax.random.key(0)
+
+    def loss(latent_scaling, m, batch_kind="cached"):
+        fn = training.make_loss_fn(cfg, scheduler_config=sched, latent_scaling=latent_scaling)
+        if batch_kind == "cached":
+            batch = {"latent_mean": m, "latent_logvar": logvar, "context": context}
+            modules = {"unet": _Identity()}
+        else:
+            batch = {"images": np.zeros((4, 16, 16, 3), np.float32), "context": context}
+            modules = {"unet": _Identity(), "vae": _FixedVAE(m, logvar)}
+        return float(fn(modules, batch, key)[0])
+
+    shifted = loss(scaling, mean)
+    assert shifted == pytest.approx(loss((scaling[0], 0.0), mean - scaling[1]), rel=1e-5)
+    assert shifted == pytest.approx(loss((1.0, 0.0), np.asarray(to_latents(mean, scaling))), rel=1e-5)
+    assert shifted == pytest.approx(loss(scaling, mean, "images"), rel=1e-6)
+    assert abs(shifted - loss((scaling[0], 0.0), mean)) > 1e-3 * shifted

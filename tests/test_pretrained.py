@@ -1,18 +1,24 @@
 """load_pretrained / save_pretrained / save_single_file against diffusers, on tiny random SD 1.x / 2.x / inpainting
 pipelines saved in the real on-disk formats."""
+import copy
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import sdjax
+from sdjax.autoencoder import AutoencoderKLConfig
+from sdjax.clip import CLIPTextConfig
+from sdjax.unet import UNetConfig
 from sdjax.weights import single_file
+from sdjax.weights.safetensors_io import read_metadata
 from tests import tiny_models
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 PROMPTS = ["a photo of an astronaut riding a horse", "", "A CAT, sitting; on 3 mats!"]
 
@@ -186,19 +192,125 @@ def test_bad_paths_and_checkpoints_give_precise_errors(tmp_path):
 def test_single_file_records_exact_configs(tmp_path):
     """A model off the SD conventions (tiny: 2 attention heads, 32-wide CLIP, v-prediction) comes back exactly:
     save_single_file stores the configs in the safetensors metadata; a file without them is read by convention."""
-    from sdjax import variants
+    from sdjax import pretrained, variants
+    from sdjax.autoencoder import AutoencoderKL
+    from sdjax.clip import CLIPTextEncoder
     from sdjax.pipeline import StableDiffusion
     from sdjax.tokenizer import default_tokenizer
+    from sdjax.unet import UNet2DConditionModel
 
-    variant = variants.get("tiny")
-    pipe = StableDiffusion(*variant.build(seed=3), default_tokenizer(),
-                           dict(variant.scheduler, prediction_type="v_prediction"))
+    variant, rng = variants.get("tiny"), np.random.default_rng(3)
+    modules = []
+    for cls, config in ((CLIPTextEncoder, variant.text_encoder), (UNet2DConditionModel, variant.unet),
+                        (AutoencoderKL, variant.vae)):
+        module = pretrained.abstract_module(cls, config, dtype=jnp.float32, param_dtype=jnp.float32,
+                                            attention_impl="auto")
+        for _, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):  # random weights, without variant.build's
+            var.set_value(jnp.asarray(rng.normal(0, 0.05, var.get_value().shape), jnp.float32))  # compile per shape
+        modules.append(module)
+    pipe = StableDiffusion(*modules, default_tokenizer(), dict(variant.scheduler, prediction_type="v_prediction"))
     path = sdjax.save_single_file(pipe, tmp_path / "tiny.safetensors")
     back = sdjax.load_pretrained(path)
     assert back.unet.config == pipe.unet.config and back.text_encoder.config == pipe.text_encoder.config
     assert back.prediction_type == "v_prediction"
     x, ctx = np.ones((1, 8, 8, 4), np.float32), np.ones((1, 77, 32), np.float32)
-    np.testing.assert_array_equal(back.unet(x, 10, ctx), pipe.unet(x, 10, ctx))
+    eps = nnx.jit(lambda unet: unet(x, 10, ctx))  # one compiled program for both
+    np.testing.assert_array_equal(eps(back.unet), eps(pipe.unet))
     plain = tmp_path / "plain.safetensors"
     single_file.write_checkpoint(single_file.read_checkpoint(path), plain)
     assert sdjax.load_pretrained(plain).unet.config.attention_head_dim == 8  # the SD 1.x convention
+
+
+def _weight_files(folder):
+    return {part: sorted(p.name for p in (folder / part).iterdir() if p.name != "config.json")
+            for part in ("unet", "vae", "text_encoder")}
+
+
+@pytest.fixture(scope="module")
+def sd1_torch_pipeline(tmp_path_factory):
+    return tiny_models.tiny_pipeline(tmp_path_factory.mktemp("sd1-torch"), "sd1")
+
+
+@pytest.mark.parametrize("layout", ["fp16-variant", "sharded", "bin"])
+def test_diffusers_folder_layouts_written_by_diffusers(layout, sd1_torch_pipeline, tmp_path):
+    """fp16 variant files, sharded safetensors (*.safetensors.index.json) and .bin pickles, each written by diffusers'
+    own save_pretrained, load with diffusers' outputs."""
+    pipe = sd1_torch_pipeline
+    folder, load_kwargs = tmp_path / layout, {}
+    if layout == "fp16-variant":
+        copy.deepcopy(pipe).to(torch.float16).save_pretrained(str(folder), variant="fp16")
+        load_kwargs = dict(variant="fp16", torch_dtype=torch.float32)  # the fp16 weights, computed in fp32
+        assert _weight_files(folder) == {"unet": ["diffusion_pytorch_model.fp16.safetensors"],
+                                         "vae": ["diffusion_pytorch_model.fp16.safetensors"],
+                                         "text_encoder": ["model.fp16.safetensors"]}
+        assert single_file.read_checkpoint(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")[
+            "conv_in.weight"].dtype == np.float16
+    elif layout == "sharded":
+        pipe.save_pretrained(str(folder), max_shard_size="300KB")
+        for part, files in _weight_files(folder).items():
+            index = [f for f in files if f.endswith(".safetensors.index.json")]
+            assert len(index) == 1 and len(files) > 3, (part, files)
+    else:
+        pipe.save_pretrained(str(folder), safe_serialization=False)
+        # transformers 5 writes safetensors whatever it is asked; write the text encoder's pytorch_model.bin with
+        # the keys of the released SD checkpoints
+        text_sd = {k if k.startswith("text_model.") else "text_model." + k: v
+                   for k, v in pipe.text_encoder.state_dict().items()}
+        (folder / "text_encoder" / "model.safetensors").unlink()
+        torch.save(text_sd, folder / "text_encoder" / "pytorch_model.bin")
+        assert _weight_files(folder) == {"unet": ["diffusion_pytorch_model.bin"],
+                                         "vae": ["diffusion_pytorch_model.bin"], "text_encoder": ["pytorch_model.bin"]}
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
+                                                               requires_safety_checker=False, **load_kwargs)
+    ours = sdjax.load_pretrained(folder)
+    assert ours.unet.conv_in.kernel.dtype == jnp.float32
+    assert_same(our_outputs(ours), reference_outputs(theirs))
+
+
+def test_single_file_without_metadata_is_read_off_the_tensors(case):
+    """A CompVis single file with no sdjax metadata (written from the diffusers folder's tensors): family, inpainting,
+    sizes and the SD 2.x defaults (v-prediction, 96 x 96 latents: 768 px) come from the tensors alone."""
+    import safetensors.numpy
+
+    folder = case["folder"]
+    weights = [safetensors.numpy.load_file(str(folder / part / name)) for part, name in
+               (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+                ("text_encoder", "model.safetensors"))]
+    configs = [json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae", "text_encoder")]
+    path = case["tmp"] / "plain.safetensors"
+    single_file.write_checkpoint(single_file.from_diffusers(*weights, single_file.info_from_configs(*configs)), path)
+    assert set(read_metadata(path)) == {"format"}
+    pipe = sdjax.load_pretrained(path)
+    assert pipe.family == case["family"]
+    assert pipe.unet.config.in_channels == (9 if case["inpaint"] else 4)
+    assert pipe.unet.config == UNetConfig.from_diffusers(configs[0])
+    assert pipe.vae.config == AutoencoderKLConfig.from_diffusers(configs[1])
+    assert pipe.text_encoder.config == CLIPTextConfig.from_transformers(configs[2])
+    sd2_768 = case["family"] == "sd2" and not case["inpaint"]
+    assert pipe.prediction_type == ("v_prediction" if case["family"] == "sd2" else "epsilon")
+    assert pipe.unet.config.sample_size == (96 if sd2_768 else 64)
+    assert_same(our_outputs(pipe), case["ref"])
+
+
+def test_abstract_module_matches_an_nnx_rngs_build():
+    """load_pretrained plans each model without tracing it and keeps the plan per architecture: the modules have
+    the structure, shapes and dtypes of nnx.eval_shape of a build with nnx.Rngs, and every call has fresh Variables."""
+    from sdjax import pretrained, variants
+    from sdjax.clip import CLIPTextEncoder
+    from sdjax.unet import UNet2DConditionModel
+
+    def leaves(module):
+        return [(path, type(v), v.get_value().shape, v.get_value().dtype)
+                for path, v in nnx.to_flat_state(nnx.state(module))]
+
+    variant = variants.get("tiny")
+    kwargs = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention_impl="einsum")
+    for cls, config in ((CLIPTextEncoder, variant.text_encoder), (UNet2DConditionModel, variant.unet)):
+        ours = pretrained.abstract_module(cls, config, **kwargs)
+        reference = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **kwargs))
+        assert nnx.graphdef(ours) == nnx.graphdef(reference)
+        assert leaves(ours) == leaves(reference)
+        path, var = nnx.to_flat_state(nnx.state(ours, nnx.Param))[0]
+        var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+        again = dict(nnx.to_flat_state(nnx.state(pretrained.abstract_module(cls, config, **kwargs), nnx.Param)))
+        assert isinstance(again[path].get_value(), jax.ShapeDtypeStruct), path

@@ -46,3 +46,7 @@ def test_config_errors_are_one_line(tmp_path):
                                                       "has no prompts (one per line; # starts a comment)")
     typo = sample("--config.variant=tiny", "--config.promt=x")
     assert typo.returncode != 0 and "promt" in typo.stderr
+    alone = sample("--config.variant=tiny", "--config.prompt=x", "--config.distributed=True")  # no cluster around
+    assert alone.returncode == 2
+    last = alone.stderr.strip().splitlines()[-1]
+    assert last.startswith("sample.py: error: --config.distributed=True: ") and "SLURM, Open MPI" in last

@@ -1,5 +1,7 @@
-"""The offline demo (README's first command), shrunken: stage 1 (VAE), stage 2 (text encoder + UNet), sample.py
-on the result, and the evaluator's command line. The full-size run's accuracy is a benchmark (README), not a test.
+"""The offline demo (README's first command), shrunken: stage 1 (VAE), stage 2 (text encoder + UNet from scratch
+on the frozen VAE), sample.py on the result, and the evaluator's command line. It is also the test of the two-stage
+from-scratch recipe (configs/train_autoencoder.py + train_scratch.py run the same code on other sizes). The full-size
+run's accuracy is a benchmark (README), not a test.
 """
 from __future__ import annotations
 
@@ -8,7 +10,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+import sdjax
+from sdjax import variants
+from sdjax.weights import diffusers_folder
+from sdjax.weights.safetensors_io import read_safetensors
 from tests.test_train_script import ROOT, cache_dir, losses, run_env, train  # noqa: F401 (fixture)
 
 SMALL = ["--config.data.shapes_size=32", "--config.data.resolution=32", "--config.checkpoint.every=0"]
@@ -21,6 +28,9 @@ def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noq
     train(tmp_path / "ldm", *SMALL, f"--config.model.init_from={tmp_path / 'vae'}", "--config.num_steps=40",
           "--config.batch_size=8", "--config.preview_every=40", "--config.preview.num_inference_steps=2",
           "--config.optimizer.warmup_steps=5", "--config.export.formats=('diffusers',)", config="shapes", env=env)
+    vae_config = diffusers_folder.read_json(tmp_path / "vae" / "export" / "vae" / "config.json")
+    assert vae_config["_class_name"] == "AutoencoderKL"
+    assert vae_config["scaling_factor"] != variants.get("shapes").vae.scaling_factor  # measured by the export
     loss = losses(tmp_path / "ldm")
     assert sorted(loss) == list(range(1, 41))
     first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(31, 41)])
@@ -28,6 +38,13 @@ def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noq
     assert (tmp_path / "ldm" / "previews" / "step_0000040.png").exists()
     assert list((tmp_path / "ldm" / "tensorboard").iterdir())
     export = tmp_path / "ldm" / "export"
+    pipe = sdjax.load_pretrained(export)
+    assert pipe.vae.config.scaling_factor == pytest.approx(vae_config["scaling_factor"])
+    trained_vae = read_safetensors(tmp_path / "vae" / "export" / "vae" / "diffusion_pytorch_model.safetensors")
+    exported_vae = read_safetensors(export / "vae" / "diffusion_pytorch_model.safetensors")
+    assert trained_vae.keys() == exported_vae.keys()
+    for key in trained_vae:  # the VAE stays frozen in stage 2
+        np.testing.assert_array_equal(exported_vae[key], trained_vae[key])
 
     samples = tmp_path / "samples"
     result = subprocess.run(

@@ -1,11 +1,12 @@
 """End-to-end runs of train.py on tiny models, CPU: one device, a (data=2, fsdp=4) mesh on 8 fake devices,
 two processes (gloo), kill and resume, preemption, NaN, fine-tuning a diffusers checkpoint that diffusers
-loads back, and the two-stage from-scratch recipe (autoencoder, then text encoder + UNet).
+loads back. The two-stage from-scratch recipe (autoencoder, then text encoder + UNet) is tests/test_shapes_demo.py.
 
 Subprocesses share a persistent XLA compilation cache, so a program compiles once per test session.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,10 +55,11 @@ def shared(tmp_path_factory, name: str, make) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    path = shared_root(tmp_path_factory) / "jax_compilation_cache"
-    path.mkdir(exist_ok=True)
-    return path
+def cache_dir():
+    """The session's persistent compilation cache (tests/conftest.py), shared with every subprocess."""
+    from tests.conftest import compilation_cache_dir
+
+    return Path(compilation_cache_dir())
 
 
 def run_env(cache_dir, devices: int | None = None, **extra) -> dict:
@@ -156,13 +158,32 @@ def test_fsdp_mesh_on_8_devices_matches_one_device(reference, mesh8):
     assert_states_close(checkpoint_state(mesh8, 3), checkpoint_state(reference, 3), rtol=1e-5)
 
 
-def test_cpu_devices_splits_the_cpu_and_matches_one_device(tmp_path, cache_dir, tiny_sd1, reference):
-    result = train(tmp_path / "cpu2", f"--config.model.init_from={tiny_sd1}", "--config.num_steps=2",
-                   "--config.mesh.cpu_devices=2", env=run_env(cache_dir))
-    assert "over 2 cpu device(s)" in result.stderr
-    ref, got = losses(reference), losses(tmp_path / "cpu2")
-    for step in (1, 2):
-        assert got[step] == pytest.approx(ref[step], rel=1e-5)
+def test_cpu_devices_splits_the_cpu_and_matches_one_device(tmp_path, cache_dir, tiny_sd1):
+    """The README's claim at the default AdamW settings (eps 1e-8, not COMMON's 1e-4): mesh.cpu_devices=2 gives one
+    device's losses to 1e-6 over 6 steps (measured: equal, or 7e-8 apart). Not the parameters: those the loss does
+    not depend on (a bias before a one-channel-per-group GroupNorm) differ by up to 2e-3 of their size, Adam
+    turning their round-off gradients into +-lr steps."""
+    args = (f"--config.model.init_from={tiny_sd1}", "--config.num_steps=6", "--config.optimizer.kwargs.eps=1e-8",
+            "--config.checkpoint.every=0")
+    one = train(tmp_path / "cpu1", *args, env=run_env(cache_dir))
+    two = train(tmp_path / "cpu2", *args, "--config.mesh.cpu_devices=2", env=run_env(cache_dir))
+    assert "over 1 cpu device(s)" in one.stderr and "over 2 cpu device(s)" in two.stderr
+    ref, got = losses(tmp_path / "cpu1"), losses(tmp_path / "cpu2")
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6] and ref[6] < 0.8 * ref[1]  # it trained
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6)
+
+
+@contextlib.contextmanager
+def kill_on_exit(procs):
+    """Kill every process still running when the block ends (a failure or time-out of one leaves no orphans)."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def test_two_processes_match_one_process_on_8_devices(tmp_path, cache_dir, tiny_sd1, mesh8):
@@ -172,15 +193,20 @@ def test_two_processes_match_one_process_on_8_devices(tmp_path, cache_dir, tiny_
     env = run_env(cache_dir, devices=4)
     workdir = tmp_path / "run"
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    # The README's two ways to start: process 0 through the environment, process 1 through the config.
+    starts = [(["--config.distributed.cpu_collectives=gloo"],
+               {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}),
+              (["--config.distributed.enabled=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
+                "--config.distributed.cpu_collectives=gloo"], {})]
     procs = [subprocess.Popen(
         train_command(workdir, f"--config.model.init_from={tiny_sd1}", "--config.num_steps=3", "--config.mesh.data=2",
-                      "--config.mesh.fsdp=4",
-                      "--config.distributed.enabled=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                      "--config.distributed.cpu_collectives=gloo"),
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logs[i], "w")) for i in range(2)]  # files: no pipe stalls
-    for p in procs:
-        p.wait(timeout=400)
+                      "--config.mesh.fsdp=4", *args),
+        env={**env, **extra}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logs[i], "w"))  # files: no pipe stalls
+        for i, (args, extra) in enumerate(starts)]
+    with kill_on_exit(procs):
+        for p in procs:
+            p.wait(timeout=400)
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log.read_text()[-3000:]
     ref, got = losses(mesh8), losses(workdir)
@@ -317,7 +343,7 @@ def test_benchmark_reports_speed_and_memory(train_module, tmp_path, monkeypatch,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fine-tuning a diffusers checkpoint; the two-stage from-scratch recipe
+# Fine-tuning a diffusers checkpoint
 # ---------------------------------------------------------------------------------------------------------
 
 def test_finetune_diffusers_checkpoint_lowers_the_loss_and_exports_for_diffusers(reference, tiny_sd1):
@@ -349,24 +375,216 @@ def test_finetune_diffusers_checkpoint_lowers_the_loss_and_exports_for_diffusers
     np.testing.assert_allclose(np.asarray(single.unet.conv_in.kernel), ema, rtol=1e-6, atol=1e-7)
 
 
-def test_autoencoder_then_text_encoder_and_unet_from_scratch(tmp_path, cache_dir):
-    import sdjax
-    from sdjax.weights import diffusers_folder
-    from sdjax.weights.safetensors_io import read_safetensors
+# ---------------------------------------------------------------------------------------------------------
+# Image folders, gradient accumulation, the batch-size check (in-process: the data and the loop are the point)
+# ---------------------------------------------------------------------------------------------------------
 
-    env = run_env(cache_dir)
-    train(tmp_path / "ae", "--config.num_steps=2", "--config.checkpoint.every=0", "--config.export.formats=('vae',)",
-          config="train_autoencoder", env=env)
-    vae_dir = tmp_path / "ae" / "export" / "vae"
-    vae_config = diffusers_folder.read_json(vae_dir / "config.json")
-    assert vae_config["_class_name"] == "AutoencoderKL" and vae_config["scaling_factor"] != 0.18215
-    train(tmp_path / "ldm", f"--config.model.init_from={tmp_path / 'ae'}", "--config.num_steps=2",
-          "--config.checkpoint.every=0", "--config.export.formats=('diffusers',)", config="train_scratch", env=env)
-    rows = losses(tmp_path / "ldm")
-    assert sorted(rows) == [1, 2] and all(np.isfinite(v) for v in rows.values())
-    pipe = sdjax.load_pretrained(tmp_path / "ldm" / "export")
-    assert pipe.vae.config.scaling_factor == pytest.approx(vae_config["scaling_factor"])
-    trained_vae = read_safetensors(vae_dir / "diffusion_pytorch_model.safetensors")
-    exported_vae = read_safetensors(tmp_path / "ldm" / "export" / "vae" / "diffusion_pytorch_model.safetensors")
-    for key in trained_vae:  # the VAE stays frozen in stage 2
-        np.testing.assert_array_equal(exported_vae[key], trained_vae[key])
+def recording(monkeypatch, train_module) -> dict:
+    """Wraps train.py's make_dataset and iterate_batches: what it built and every host batch it read."""
+    seen = {"datasets": [], "batches": []}
+    make_dataset, iterate_batches = train_module.make_dataset, train_module.preprocess.iterate_batches
+
+    def dataset(config):
+        seen["datasets"].append(make_dataset(config))
+        return seen["datasets"][-1]
+
+    def batches(*args, **kwargs):
+        for batch in iterate_batches(*args, **kwargs):
+            seen["batches"].append({k: np.copy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()})
+            yield batch
+
+    monkeypatch.setattr(train_module, "make_dataset", dataset)
+    monkeypatch.setattr(train_module.preprocess, "iterate_batches", batches)
+    return seen
+
+
+def small_models(config):
+    """A stand-in for training.build_models: a 2-layer conv net as the trainable "unet", nothing frozen; a real
+    train step for it compiles in a second (for the 2.3M-parameter tiny SD UNet in this process: over a minute)."""
+    import types
+
+    from flax import nnx
+
+    from sdjax import training
+    from sdjax.tokenizer import default_tokenizer
+
+    class SmallNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv_in = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+            self.conv_out = nnx.Conv(8, 4, (3, 3), strides=(2, 2), rngs=rngs)
+
+        def __call__(self, images):
+            return self.conv_out(jnp.tanh(self.conv_in(images)))
+
+    graphdefs, states = training.split_modules({"unet": SmallNet(nnx.Rngs(config.seed))})
+    return training.Models(graphdefs, states, None, default_tokenizer(), {},
+                           types.SimpleNamespace(scaling_factor=1.0, shift_factor=None))
+
+
+def image_mean_train_step(graphdefs, loss_fn, tx, schedules, **kwargs):
+    """A cheap stand-in for training.make_train_step whose loss is the mean pixel of the batch it was given."""
+    def step(state, frozen, batch):
+        assert batch["input_ids"].shape == (batch["images"].shape[0], 77)  # captions were tokenized
+        return dict(state, step=state["step"] + 1), {"loss": jnp.mean(batch["images"]), "grad_norm": jnp.float32(1),
+                                                     "lr": jnp.float32(0)}
+    return step
+
+
+def write_png(path, color, size=(40, 48)):
+    from PIL import Image
+
+    Image.fromarray(np.full((*size, 3), color, np.uint8)).save(path)
+
+
+def truncated_jpeg(path):
+    """A JPEG cut in half: its header reads (indexing keeps it), its pixels do not (skipped when first read)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def finetune_config(workdir, data_path, **overrides):
+    """configs/finetune_sd15.py (the README's fine-tuning command) on `data_path` at 32 px, 4 images a step."""
+    from tests.test_training import load_config
+
+    return load_config("finetune_sd15", **{"workdir": str(workdir), "data.path": str(data_path),
+                                           "data.resolution": 32, "batch_size": 4,
+                                           "num_steps": 3, "log_every": 1, "progress_bar": False,
+                                           "export.formats": (), **overrides})
+
+
+def test_finetune_on_a_folder_of_pngs_and_txt_captions(tmp_path, monkeypatch, train_module):
+    """configs/finetune_sd15.py on a folder: 3 steps read the images and their .txt captions into the compiled
+    step; an unreadable PNG is skipped when indexing, a truncated JPEG when first read, and both are counted in
+    metrics.jsonl; an image without a caption stops the run (missing_caption='error', the default) or trains with
+    caption "" (missing_caption='empty'). The data is the point: small stand-in models and a step whose loss is
+    the mean pixel of its batch (the real step on real models: the `reference` run)."""
+    data = tmp_path / "images"
+    data.mkdir()
+    colors = {"a_red": (255, 0, 0), "b_green": (0, 255, 0), "c_blue": (0, 0, 255), "e_gray": (90, 90, 90)}
+    for name, color in colors.items():
+        write_png(data / f"{name}.png", color)
+        (data / f"{name}.txt").write_text(f"a {name[2:]} square\n")
+    (data / "d_corrupt.png").write_bytes(b"not a png")
+    (data / "d_corrupt.txt").write_text("never read")
+    truncated_jpeg(data / "f_truncated.jpg")
+    (data / "f_truncated.txt").write_text("never read either")
+    write_png(data / "g_uncaptioned.png", (255, 255, 0), size=(48, 40))
+    monkeypatch.setattr(train_module.training, "build_models", small_models)
+    monkeypatch.setattr(train_module.training, "make_train_step", image_mean_train_step)
+
+    with pytest.raises(ValueError, match=r"1 image\(s\) .* have no caption: g_uncaptioned\.png.*missing_caption"):
+        train_module.main(finetune_config(tmp_path / "strict", data))
+    assert not (tmp_path / "strict" / "checkpoints").exists()
+
+    seen = recording(monkeypatch, train_module)
+    result = train_module.main(finetune_config(tmp_path / "run", data, **{"data.missing_caption": "empty"}))
+    assert result["step"] == 3 and checkpoints(tmp_path / "run") == [3]
+    (dataset,) = seen["datasets"]
+    assert dataset.file_names == ["a_red.png", "b_green.png", "c_blue.png", "e_gray.png", "f_truncated.jpg",
+                                  "g_uncaptioned.png"]
+    assert dict(dataset.skipped).keys() == {"d_corrupt.png", "f_truncated.jpg"}
+    captions = {"": 0, **{f"a {name[2:]} square": 0 for name in colors}}
+    for batch in seen["batches"]:
+        assert batch["images"].shape == (4, 32, 32, 3)
+        for caption in batch["captions"]:
+            captions[caption] += 1  # only these captions (or "" from caption_dropout); never the truncated one's
+    assert len(seen["batches"]) == 3 and captions[""] >= 1 and sum(captions.values()) == 12
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["skipped_images"] == 2
+    for row, batch in zip(rows, seen["batches"]):  # the loss is the mean pixel of the batch the step received
+        assert row["loss"] == pytest.approx(float(np.mean(batch["images"])), rel=1e-5, abs=1e-6)
+
+
+def test_finetune_on_a_metadata_jsonl_folder(tmp_path, monkeypatch, train_module):
+    """The metadata.jsonl layout, with data.caption_column: captions come from it; a listed file that is not there
+    and an unreadable one are skipped and counted."""
+    data = tmp_path / "images"
+    (data / "train").mkdir(parents=True)
+    rows = []
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        write_png(data / "train" / f"{i}.png", color)
+        rows.append({"file_name": f"train/{i}.png", "prompt": f"picture {i}", "text": "not this column"})
+    (data / "train" / "bad.png").write_bytes(b"garbage")
+    rows += [{"file_name": "train/bad.png", "prompt": "bad"}, {"file_name": "gone.png", "prompt": "gone"}]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(train_module.training, "build_models", small_models)
+    monkeypatch.setattr(train_module.training, "make_train_step", image_mean_train_step)
+    seen = recording(monkeypatch, train_module)
+    train_module.main(finetune_config(tmp_path / "run", data, num_steps=2,
+                                      **{"data.caption_column": "prompt", "data.caption_dropout": 0.0}))
+    (dataset,) = seen["datasets"]
+    assert dataset.file_names == ["train/0.png", "train/1.png", "train/2.png"]
+    assert sorted(dict(dataset.skipped)) == ["gone.png", "train/bad.png"]
+    for batch in seen["batches"]:
+        assert batch["captions"] == [f"picture {i}" for i in batch["indices"]]
+        for image, i in zip(batch["images"], batch["indices"]):  # each image is its own file's (a flat colour)
+            np.testing.assert_allclose(image[0, 0], np.eye(3)[i] * 2 - 1, atol=1e-6)
+    assert [json.loads(line)["skipped_images"] for line in (tmp_path / "run" / "metrics.jsonl").open()] == [2, 2]
+
+
+def deterministic_loss_fn(config, **kwargs):
+    """A loss with no noise and no timestep draw: the mean over the rows of a function of each row, so that the
+    same rows split into other batches give the same mean gradient."""
+    def loss_fn(modules, batch, rng):
+        del rng
+        out = modules["unet"](batch["images"])
+        return jnp.mean(jnp.mean((out - 0.3) ** 2, axis=(1, 2, 3))), {}
+    return loss_fn
+
+
+def test_grad_accumulation_of_4_batches_of_2_is_one_step_of_8(tmp_path, monkeypatch, train_module):
+    """grad_accum_steps=4 at batch_size=2 vs batch_size=8 in one step: micro-batches 4k..4k+3 are the rows of big
+    batch k (the data order numbers samples, not batches), and 3 updates (the first at lr 0: warm-up) leave the
+    same parameters, EMA (decay 0.99 with warm-up) and logged losses to fp32 round-off; clipping is on
+    (grad_clip_norm below the gradient norm: clipping each micro-batch instead of their mean would differ).
+    train.py's loop, data, optimizer (the config's AdamW, eps 1e-8, and schedule), train step and EMA, with a small
+    net and a deterministic loss: with the diffusion objective train.py draws noise and timesteps per micro-step
+    (fold_in(seed, micro-step) over its rows), so there the two differ by their random draws."""
+    monkeypatch.setattr(train_module.training, "build_models", small_models)
+    monkeypatch.setattr(train_module.training, "make_loss_fn", deterministic_loss_fn)
+    seen = recording(monkeypatch, train_module)
+    overrides = {"num_steps": 3, "optimizer.grad_clip_norm": 1e-3, "checkpoint.every": 1}
+    train_module.main(tiny_config(tmp_path / "accum", batch_size=2, **{"optimizer.grad_accum_steps": 4}, **overrides))
+    micro = seen["batches"][:]
+    seen["batches"].clear()
+    train_module.main(tiny_config(tmp_path / "big", batch_size=8, **overrides))
+    big = seen["batches"]
+    assert len(micro) == 12 and len(big) == 3
+    for k in range(3):
+        np.testing.assert_array_equal(np.concatenate([b["indices"] for b in micro[4 * k:4 * k + 4]]), big[k]["indices"])
+        np.testing.assert_array_equal(np.concatenate([b["images"] for b in micro[4 * k:4 * k + 4]]), big[k]["images"])
+    assert len({tuple(b["indices"]) for b in big}) == 3  # three different batches
+    assert checkpoints(tmp_path / "accum") == [4, 8, 12] and checkpoints(tmp_path / "big") == [1, 2, 3]
+    initial = checkpoint_state(tmp_path / "big", 1)  # update 1 is at lr 0
+    for k in (2, 3):  # checkpoints are numbered by micro-step
+        accum, one = checkpoint_state(tmp_path / "accum", 4 * k), checkpoint_state(tmp_path / "big", k)
+        for key in one:
+            if key.startswith(("['params']", "['ema']")):
+                assert np.abs(one[key] - initial[key]).max() > 1e-5, key  # it trained
+                np.testing.assert_allclose(accum[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    ref, got = losses(tmp_path / "big"), losses(tmp_path / "accum")
+    assert sorted(got) == [1, 2, 3] and len(set(ref.values())) == 3
+    for step in ref:  # the logged loss of an update is the mean over its micro-batches
+        assert got[step] == pytest.approx(ref[step], rel=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 1e-2 for r in rows)  # clipping (to 1e-3) was active
+
+
+def test_batch_size_error_names_the_condition_that_failed(tmp_path, monkeypatch, train_module):
+    check = train_module.check_batch_size
+    check(8, 4, 2)
+    with pytest.raises(ValueError, match=r"^batch_size=6 must be a multiple of the 4 devices of the mesh$"):
+        check(6, 4, 2)
+    with pytest.raises(ValueError, match=r"^batch_size=8 must be a multiple of the 3 processes \(each reads"):
+        check(8, 1, 3)
+    with pytest.raises(ValueError, match=r"^batch_size=10 .* of the 4 devices of the mesh and of the 3 processes"):
+        check(10, 4, 3)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)  # main's check: 8 images on this process's device(s)
+    with pytest.raises(ValueError, match=r"^batch_size=8 must be a multiple of the 3 processes") as error:
+        train_module.main(tiny_config(tmp_path))
+    assert "devices" not in str(error.value)

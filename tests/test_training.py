@@ -68,6 +68,28 @@ def test_min_snr_weights(prediction_type):
     np.testing.assert_array_equal(training.min_snr_weights(AC, t, prediction_type, 0.0), np.ones(3))
 
 
+def test_min_snr_epsilon_weight_at_zero_terminal_snr_is_one_not_nan():
+    """At t = 999 of a zero-terminal-SNR schedule snr = 0 and the epsilon weight min(snr, g) / snr is 0 / 0.
+    diffusers (train_text_to_image.py, train_dreambooth.py as of 2026-08) computes exactly that, a NaN weight and a
+    NaN loss; sdjax gives 1, the formula's limit (it is 1 for every 0 < snr < g)."""
+    zero_snr = dict(variants.get("shapes").scheduler, prediction_type="epsilon")  # DDIM, rescale_betas_zero_snr
+    ac = jnp.asarray(schedulers.alphas_cumprod(zero_snr))
+    assert float(ac[999]) == 0.0 and float(schedulers.snr(ac, 999)) == 0.0
+    np.testing.assert_allclose(training.min_snr_weights(ac, jnp.array([999, 998, 0]), "epsilon", 5.0),
+                               [1.0, 1.0, 5.0 / float(schedulers.snr(ac, 0))], rtol=1e-6)
+    assert float(training.min_snr_weights(ac, jnp.array([999]), "v_prediction", 5.0)[0]) == 0.0  # 0 / 1
+    latents = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 4, 4)), jnp.float32)
+
+    def loss(scale):  # a "UNet" scale * x_t; every drawn timestep is 999
+        return training.diffusion_loss(lambda x, t, c: scale * x, latents, None, jax.random.key(1), ac,
+                                       prediction_type="epsilon", min_snr_gamma=5.0, t_min=999, t_max=1000)
+
+    (value, aux), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.float32(0.5))
+    assert np.all(np.asarray(aux["t"]) == 999)
+    assert float(value) == pytest.approx(float(jnp.mean(aux["mse"])), rel=1e-6)  # weight 1
+    assert np.isfinite(float(value)) and np.isfinite(float(grad)) and float(grad) != 0.0
+
+
 @pytest.mark.parametrize("prediction_type", training.PREDICTION_TYPES)
 def test_diffusion_loss_is_zero_for_an_oracle_and_respects_the_timestep_range(prediction_type):
     latents = jax.random.normal(jax.random.key(2), (6, 4, 4, 4))
@@ -184,7 +206,7 @@ class _Linear(nnx.Module):
         return self.layer(x)
 
 
-def _linear_step(accum: int, ema_decay: float = 0.5):
+def _linear_step(accum: int, ema_decay: float = 0.5, ema_warmup: bool = False):
     graphdefs, params = training.split_modules({"unet": _Linear(nnx.Rngs(0))})
 
     def loss_fn(modules, batch, rng):
@@ -196,7 +218,7 @@ def _linear_step(accum: int, ema_decay: float = 0.5):
         opt.warmup_steps, opt.learning_rate, opt.grad_accum_steps = 0, 0.1, accum
     tx, schedules = training.make_optimizer(opt, num_steps=10, trainable=("unet",))
     step = jax.jit(training.make_train_step(graphdefs, loss_fn, tx, schedules, grad_accum_steps=accum,
-                                            ema_decay=ema_decay, ema_warmup=False))
+                                            ema_decay=ema_decay, ema_warmup=ema_warmup))
     state = training.init_state(params, tx, seed=0, ema_decay=ema_decay)
     batch = {"x": jnp.arange(12.0).reshape(4, 3) / 10, "y": jnp.ones(4)}
     return step, state, batch
@@ -226,6 +248,30 @@ def test_gradient_accumulation_updates_every_k_steps():
     assert not np.allclose(state["ema"]["unet"]["layer"]["kernel"], kernel0)
 
 
+@pytest.mark.parametrize("warmup", [False, True], ids=["constant", "warmup"])
+@pytest.mark.parametrize("accum", [1, 3])
+def test_ema_is_the_formula_applied_to_the_parameter_history(warmup, accum):
+    """After optimizer update n = 1, 2, ...: ema_n = d_n * ema_(n-1) + (1 - d_n) * params_n, ema_0 = the initial
+    parameters, d_n = decay, or with warm-up min(decay, (1 + n) / (10 + n)); micro-steps between updates leave
+    it alone."""
+    decay = 0.9  # above the warm-up's (1 + n) / (10 + n) for n <= 6: the two settings give different EMAs
+    step, state, batch = _linear_step(accum=accum, ema_decay=decay, ema_warmup=warmup)
+
+    def flat(tree):
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(np.float64)
+
+    expected, history, n = flat(state["params"]), [flat(state["params"])], 0
+    for micro in range(6 * accum):
+        state, _ = step(state, {}, batch)
+        if (micro + 1) % accum == 0:
+            n += 1
+            d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+            expected = d * expected + (1 - d) * flat(state["params"])
+            history.append(flat(state["params"]))
+        np.testing.assert_allclose(flat(state["ema"]), expected, rtol=1e-6, atol=1e-7)
+    assert n == 6 and all(np.abs(a - b).max() > 1e-3 for a, b in zip(history, history[1:]))  # params moved
+
+
 def test_check_finite_names_the_step_and_a_fix():
     training.check_finite(3, {"loss": 1.0})
     with pytest.raises(FloatingPointError, match=r"step 7 .*learning_rate"):
@@ -252,6 +298,117 @@ def test_make_loss_fn_checks_the_timestep_range():
                               scheduler_config=SCHED)
     with pytest.raises(ValueError, match="unknown timestep bias"):
         training.make_loss_fn(load_config("tiny", **{"objective.timestep_bias": "high"}), scheduler_config=SCHED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start-up: planned random init, the sharded train state
+# ---------------------------------------------------------------------------------------------------------
+
+class _EveryInitializer(nnx.Module):
+    """sdjax's layers: every initializer they name."""
+
+    def __init__(self, rngs):
+        from sdjax import layers
+
+        self.conv = layers.conv(4, 8, 3, rngs=rngs)
+        self.embed = layers.embed(50, 8, rngs=rngs)
+        self.norms = nnx.List([layers.GroupNorm(2, 8, rngs=rngs), layers.LayerNorm(8, rngs=rngs)])
+
+
+def test_planned_init_is_the_jitted_flax_init_bit_for_bit():
+    """What train.py did until now, jit a construction with nnx.Rngs(seed), against a plan's values (flat draws in
+    buckets, cut on the host), for modules that skip another's draws, a uniform fan_avg and bfloat16."""
+    from sdjax import initializers, layers
+
+    def build(rngs):  # modules drawing from one stream, as a variant's three do; "b" is left out below
+        return {"a": _EveryInitializer(rngs), "b": layers.LayerNorm(8, rngs=rngs),
+                "c": nnx.List([nnx.Linear(8, 3, kernel_init=initializers.VarianceScaling(2.0, "fan_avg", "uniform"),
+                                          bias_init=initializers.Constant(0.5), rngs=rngs),
+                               layers.conv(4, 8, 3, param_dtype=jnp.bfloat16, rngs=rngs)])}
+
+    reference = jax.jit(lambda: training.split_modules(build(nnx.Rngs(7)))[1])()
+    modules, plan = initializers.plan(build)
+    assert plan.num_draws == 7 + 2 + 4
+    graphdefs, abstract = training.split_modules(modules)
+    assert graphdefs == training.split_modules(nnx.eval_shape(lambda: build(nnx.Rngs(0))))[0]
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                               reference)
+    values = plan.values({"a": abstract["a"], "c": abstract["c"]}, seed=7)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(values),
+                                 jax.tree.leaves({"a": reference["a"], "c": reference["c"]})):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(got, np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="not created by this plan"):
+        plan.values({"a": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract["a"])}, seed=7)
+
+
+def test_planned_init_buckets_and_variances():
+    """Draws are grouped by (initializer, dtype), then bucketed: a bucket draws its largest size for every row;
+    a size joins while it is at least half of that, or the bucket's padding stays within the slack."""
+    from sdjax import initializers
+
+    def leaf(size, init=initializers.LECUN_NORMAL, dtype=np.dtype("float32")):
+        return ("m", (), jax.ShapeDtypeStruct((size,), dtype), size, init)
+
+    slack = initializers._BUCKET_SLACK
+    sizes = [10, 4 * slack, slack // 2, 3 * slack, 1000]
+    buckets = initializers._buckets([leaf(n) for n in sizes] + [leaf(7, initializers.EMBEDDING),
+                                                                leaf(5, dtype=np.dtype("bfloat16"))])
+    assert [(key[0], key[1].name, size, [row[3] for row in rows]) for key, size, rows in buckets] == [
+        (initializers.LECUN_NORMAL, "float32", 4 * slack, [4 * slack, 3 * slack]),
+        (initializers.LECUN_NORMAL, "float32", slack // 2, [slack // 2, 1000, 10]),
+        (initializers.EMBEDDING, "float32", 7, [7]), (initializers.LECUN_NORMAL, "bfloat16", 5, [5])]
+    # jax.nn.initializers.variance_scaling's fans: a conv kernel (3, 3, in=4, out=8), an embedding (50, 8)
+    shape = (3, 3, 4, 8)
+    for mode, fan in (("fan_in", 36), ("fan_out", 72), ("fan_avg", 54), ("fan_geo_avg", (36 * 72) ** 0.5)):
+        assert initializers.VarianceScaling(2.0, mode, "normal").variance(shape) == 2.0 / fan
+    assert initializers.EMBEDDING.variance((50, 8)) == 1 / 8
+
+
+def test_a_flax_default_initializer_cannot_be_planned():
+    from sdjax import initializers
+
+    with pytest.raises(TypeError):
+        initializers.plan(lambda rngs: nnx.Linear(2, 3, rngs=rngs))
+
+
+def test_planned_variant_has_the_structure_of_the_built_one():
+    class OneKey:  # a cheap way to trace a construction for its structure (an nnx.Rngs is slow to trace)
+        def params(self):
+            return jax.random.key(0)
+
+    variant = variants.get("tiny")
+    planned, plan = variant.plan()
+    traced = nnx.eval_shape(lambda: variant._construct(OneKey(), variants.MODULES))
+    assert list(planned) == list(traced) == ["text_encoder", "unet", "vae"]
+    for name in traced:
+        g1, s1 = nnx.split(planned[name])
+        g2, s2 = nnx.split(traced[name])
+        assert g1 == g2
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), s1) == jax.tree.map(lambda x: (x.shape, x.dtype), s2)
+    assert plan.num_draws == len(plan.records) == 368
+    unet_only, unet_plan = variant.plan(["unet"])  # built up to the UNet: the VAE's draws come after
+    assert list(unet_only) == ["unet"] and unet_plan.num_draws < 368
+    assert variant.plan([])[0] == {}
+
+
+def test_sharded_init_state_is_the_jitted_init_state():
+    mesh = sharding.make_mesh(1, 1)
+    params = {"unet": {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4)}}
+    tx, _ = training.make_optimizer(load_config("tiny").optimizer, num_steps=10, trainable=("unet",))
+    for ema_decay in (0.0, 0.99):
+        abstract = jax.eval_shape(lambda p: training.init_state(p, tx, seed=3, ema_decay=ema_decay), params)
+        shardings = sharding.param_shardings(mesh, abstract)
+        want = jax.jit(lambda p: training.init_state(p, tx, seed=3, ema_decay=ema_decay),
+                       out_shardings=shardings)(params)
+        got = training.sharded_init_state(params, tx, shardings, seed=3, ema_decay=ema_decay)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(shardings)):
+            assert a.sharding == s and a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        if ema_decay:  # the EMA is its own buffer: the train step donates the state
+            assert all(e.unsafe_buffer_pointer() != p.unsafe_buffer_pointer()
+                       for e, p in zip(jax.tree.leaves(got["ema"]), jax.tree.leaves(got["params"])))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from flax import nnx
 from sdjax.unet import VARIANTS, UNet2DConditionModel, UNetConfig
 from sdjax.weights.torch_names import load_state_dict, to_state_dict
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-tiny_models = pytest.importorskip("tests.tiny_models")
+import torch
+import diffusers
+from tests import tiny_models
 
 # Two-level SD layouts (a cross-attention level, then a plain one), small enough to compile in about a second.
 _LEVELS = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -76,7 +76,8 @@ def tiny_clip(hidden_act: str = "quick_gelu", num_hidden_layers: int | None = No
     config = CLIPTextConfig(
         vocab_size=vocab_size or 49408, hidden_size=CLIP_HIDDEN, intermediate_size=256,
         num_hidden_layers=num_hidden_layers, num_attention_heads=CLIP_HIDDEN // 64, max_position_embeddings=77,
-        hidden_act=hidden_act, projection_dim=CLIP_HIDDEN, layer_norm_eps=1e-5,
+        # projection_dim: no layer of the text model, so single-file detection assumes SD's (ViT-H 512, ViT-L its width)
+        hidden_act=hidden_act, projection_dim=512 if hidden_act == "gelu" else CLIP_HIDDEN, layer_norm_eps=1e-5,
         bos_token_id=0, eos_token_id=2, pad_token_id=1)
     torch.manual_seed(4)
     return perturb_(CLIPTextModel(config), 4 if hidden_act == "quick_gelu" else 5)

@@ -1,6 +1,6 @@
 """TFDS datasets (random access), and turning a local folder into one. Needs `pip install sdjax[data]`.
 
-    ds = TFDSDataset("my_images:1.0.0", split="train", image_key="image", caption_key="caption")
+    ds = TFDSDataset("my_images:1.0.0", data_dir="/data/tfds", split="train", image_key="image", caption_key="caption")
     ex = ds[0]       # {"image": uint8 (H, W, 3), "caption": str}, like FolderDataset and ShapesDataset
     iterate_batches(ds, ...)   # the same host-sharded, resumable batches as for a folder
 
@@ -9,7 +9,11 @@
 TFDS datasets are read through `tfds.data_source`, i.e. random access to ArrayRecord files: index i is
 the same example on every host and every run, which is what makes batches resumable and host-sharded
 (see sdjax.data.preprocess). Datasets prepared as TFRecord must be rebuilt once with
-`tfds build NAME --file_format=array_record`. TensorFlow is imported only when one of these is used.
+`tfds build NAME --file_format=array_record`; nothing is downloaded or built when training starts.
+
+Neither reading ArrayRecord files nor folder_to_tfds needs TensorFlow (the `data` extra installs TFDS
+without it); `tfds build` of a TFDS catalogue dataset usually does (`pip install tensorflow-cpu`).
+TFDS itself is imported only when one of these is used.
 """
 from __future__ import annotations
 
@@ -66,8 +70,12 @@ class TFDSDataset:
     def __init__(self, name: str, *, split: str = "train", data_dir: str | None = None, image_key: str = "image",
                  caption_key: str = "caption", min_size: int = 0):
         tfds = _import_tfds()
-        try:
-            self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        try:  # download=False: a training run reads a prepared dataset; it never downloads or builds one
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise ValueError(f"TFDS dataset {name!r} not found in {data_dir or 'the default TFDS data_dir'}: build it "
+                             f"first (sdjax.data.tfds.folder_to_tfds, or `tfds build {name} "
+                             f"--file_format=array_record`), and pass its data_dir") from None
         except NotImplementedError as e:
             raise ValueError(f"TFDS dataset {name!r} has no random-access (ArrayRecord) files: rebuild it once with "
                              f"`tfds build {name} --file_format=array_record` ({e})") from None
@@ -105,14 +113,47 @@ class TFDSDataset:
         raise RuntimeError(f"none of the {n} examples of {self.name!r} could be read; see TFDSDataset.skipped")
 
 
+def _folder_builder_class(tfds):
+    """A TFDS GeneratorBasedBuilder for image-caption pairs whose name, version and examples are given per
+    instance (TFDS builders are otherwise one class per dataset). Writing with it needs no TensorFlow: the
+    images arrive as PIL images, which TFDS encodes with PIL."""
+
+    class ImageCaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        def __init__(self, *, name: str, version: str, splits: dict, description: str, **kwargs):
+            self.name = name
+            self.VERSION = tfds.core.Version(version)
+            self._splits, self._description = splits, description
+            super().__init__(version=version, **kwargs)
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                "caption": tfds.features.Text()})
+            # disable_shuffling: index i of the split is the i-th example written (the folder's order)
+            return tfds.core.DatasetInfo(builder=self, description=self._description, features=features,
+                                         disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {split: self._generate_examples(examples) for split, examples in self._splits.items()}
+
+        def _generate_examples(self, examples):
+            yield from examples
+
+    return ImageCaptionBuilder
+
+
 def folder_to_tfds(folder: str | os.PathLike, *, name: str, data_dir: str | None = None, version: str = "1.0.0",
                    split: str = "train", **folder_kwargs):
     """Store a local image folder (sdjax.data.folder.FolderDataset layouts) as a TFDS dataset, once.
 
-    Images are decoded to RGB (unreadable files skipped) and stored losslessly as PNG with their captions,
-    in ArrayRecord files that `TFDSDataset(name)` reads at random. Returns the TFDS builder.
+    Images are decoded to RGB (unreadable files skipped) and stored losslessly as PNG with their captions, in
+    the folder's order, in ArrayRecord files that `TFDSDataset(name, data_dir=data_dir)` reads at random: its
+    index i is the folder's i-th readable image. TensorFlow is not needed. Returns the TFDS builder.
     """
     tfds = _import_tfds()
+    from PIL import Image
+
     from sdjax.data.folder import FolderDataset
 
     dataset = FolderDataset(folder, **folder_kwargs)
@@ -122,14 +163,16 @@ def folder_to_tfds(folder: str | os.PathLike, *, name: str, data_dir: str | None
             example = dataset[i]
             if example["file_name"] != dataset.file_names[i]:
                 continue  # unreadable: FolderDataset handed us the next readable image instead
-            yield example["file_name"], {"image": example["image"], "caption": example["caption"]}
+            yield example["file_name"], {"image": Image.fromarray(example["image"]), "caption": example["caption"]}
 
-    features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                                           "caption": tfds.features.Text()})
-    builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=version, features=features, split_datasets={split: examples()},
-        data_dir=data_dir or None, file_format="array_record",
+    builder = _folder_builder_class(tfds)(
+        name=name, version=version, splits={split: examples()}, data_dir=data_dir or None,
+        file_format="array_record",
         description=f"Images and captions from {os.fspath(folder)} (sdjax.data.tfds.folder_to_tfds).")
+    if builder.is_prepared():
+        raise FileExistsError(f"TFDS dataset {name}:{version} already exists in {builder.data_dir}: delete that "
+                              f"folder, or pass another name or version")
+    builder.download_and_prepare()
     if dataset.skipped:
         log.warning("folder_to_tfds: skipped %d unreadable file(s) of %s", len(dataset.skipped), folder)
     return builder

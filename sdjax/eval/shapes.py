@@ -10,7 +10,7 @@ judgement is reproducible and auditable:
               square (1, 1), circle (pi/4, 1), upright triangle (1/2, 1/3);
   position    bounding-box centre: "centre" if within 1/8 of the middle on both axes,
               else the side of the dominant axis;
-  size        "large" if the bounding box spans more than 30% of the image.
+  size        "large" if the bounding box spans more than 35% of the image (_LARGE_EXTENT).
 
 `score(images, captions)` compares the analysis of each image with the caption it was generated
 from (parsed by `sdjax.data.shapes.parse_caption`); `format_table(seen, heldout)` renders two

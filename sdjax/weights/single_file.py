@@ -71,8 +71,10 @@ class SingleFileInfo:
 
 # ---------------------------------------------------------------------------------------------- files
 
-def read_checkpoint(path) -> dict[str, np.ndarray]:
-    """The state dict of a .safetensors or .ckpt file (the ckpt's "state_dict"); bfloat16 becomes float32."""
+def read_checkpoint(path, *, upcast_bfloat16: bool = True) -> dict[str, np.ndarray]:
+    """The state dict of a .safetensors or .ckpt file (the ckpt's "state_dict"); .safetensors tensors are views of
+    a memory map. bfloat16 becomes float32 unless `upcast_bfloat16=False` (load_pretrained casts each tensor
+    once, straight to the parameter dtype)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -85,6 +87,8 @@ def read_checkpoint(path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a checkpoint file; expected .safetensors or .ckpt")
     if not sd:
         raise ValueError(f"{path}: the checkpoint holds no tensors")
+    if not upcast_bfloat16:
+        return sd
     return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in sd.items()}
 
 
