@@ -219,10 +219,10 @@ def test_training_loss_uses_to_latents_with_the_shift():
     sched = variants.SCHEDULERS["sd1"]
     key = jax.random.key(0)
 
-    def loss(latent_scaling, m, batch_kind="cached"):
+    def loss(latent_scaling, m, batch_kind="cached", lv=logvar):
         fn = training.make_loss_fn(cfg, scheduler_config=sched, latent_scaling=latent_scaling)
         if batch_kind == "cached":
-            batch = {"latent_mean": m, "latent_logvar": logvar, "context": context}
+            batch = {"latent_mean": m, "latent_logvar": lv, "context": context}
             modules = {"unet": _Identity()}
         else:
             batch = {"images": np.zeros((4, 16, 16, 3), np.float32), "context": context}
@@ -231,6 +231,8 @@ def test_training_loss_uses_to_latents_with_the_shift():
 
     shifted = loss(scaling, mean)
     assert shifted == pytest.approx(loss((scaling[0], 0.0), mean - scaling[1]), rel=1e-5)
-    assert shifted == pytest.approx(loss((1.0, 0.0), np.asarray(to_latents(mean, scaling))), rel=1e-5)
+    # pre-scaled latents: the posterior's std scales with them (log-variance + 2 log scaling_factor)
+    assert shifted == pytest.approx(loss((1.0, 0.0), np.asarray(to_latents(mean, scaling)), "cached",
+                                         logvar + 2 * np.log(scaling[0])), rel=1e-5)
     assert shifted == pytest.approx(loss(scaling, mean, "images"), rel=1e-6)
     assert abs(shifted - loss((scaling[0], 0.0), mean)) > 1e-3 * shifted
