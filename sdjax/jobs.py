@@ -203,7 +203,7 @@ def run(config) -> Path:
     out_dir = Path(config.output_dir)
     slots = image_slots(prompts, negative_prompt=config.negative_prompt,
                         num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
-    todo = pending(slots, out_dir)  # TEMP-REVERT before the model: processes given different jobs stop at once
+    todo = agreed_pending(slots, out_dir)  # before the model: processes given different jobs stop at once
     pipe = load_model(config)
     height, width = config.height or pipe.default_size, config.width or pipe.default_size
     if jax.process_index() == 0:

@@ -129,8 +129,9 @@ def pngs(folder: Path) -> dict:
 
 
 def test_two_hosts_write_the_one_process_files_and_resume_from_process_0s_disk(tmp_path):
-    """With a tiny diffusers folder: loading it is quicker than initialising --config.variant=tiny at random in
-    each of the 5 processes."""
+    """The re-run also has process 0 load its program from its compilation cache while process 1 compiles: the
+    pipeline waits for every process before running a new program. With a tiny diffusers folder: loading it is
+    quicker than initialising --config.variant=tiny at random in each of the 5 processes."""
     from tests import tiny_models
 
     checkpoint = tiny_models.tiny_diffusers_folder(tmp_path, "sd1")
