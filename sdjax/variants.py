@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 from flax import nnx
 
 from sdjax import autoencoder, clip, initializers, unet
@@ -45,9 +46,15 @@ class Variant:
     scheduler: dict
 
     def build(self, *, seed: int = 0, **kwargs):
-        """Randomly initialised (text_encoder, unet, vae); kwargs: dtype, param_dtype, attention_impl."""
-        modules = self._construct(nnx.Rngs(seed), MODULES, **kwargs)
-        return tuple(modules[name] for name in MODULES)
+        """Randomly initialised (text_encoder, unet, vae); kwargs: dtype, param_dtype, attention_impl. The values
+        are the plan's, what train.py starts from: one small program, bit for bit a jitted `nnx.Rngs(seed)`
+        construction (an eager one, 15x slower for the tiny variant, can differ in the last bit)."""
+        import jax.numpy as jnp
+
+        abstract, init_plan = self.plan(**kwargs)
+        split = {name: nnx.split(module) for name, module in abstract.items()}
+        values = init_plan.values({name: nnx.to_pure_dict(state) for name, (_, state) in split.items()}, seed=seed)
+        return tuple(nnx.merge(split[name][0], jax.tree.map(jnp.asarray, values[name])) for name in MODULES)
 
     def plan(self, names: tuple[str, ...] = None, **kwargs):
         """({name: module with jax.ShapeDtypeStruct parameters} for `names` (default: all three), the
