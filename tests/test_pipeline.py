@@ -13,6 +13,10 @@ from tests import tiny_models
 import torch
 import diffusers
 
+# One xdist worker runs the whole file: tests with the same settings share one compiled program (pipes is
+# module-scoped and sdjax.pipeline caches its programs), as the comments below say where they do.
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 SIZE = 64  # the tiny VAE downsamples 2x: 32 x 32 latents
 PROMPTS = ["a red fox in the snow", "a blue bird"]
 NEGATIVE = ["blurry", ""]
@@ -35,9 +39,10 @@ def noise_for(pipe, batch, seed=0):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipe")
-    folders = {"sd1": tiny_models.tiny_diffusers_folder(tmp, "sd1"),
-               "inpaint": tiny_models.tiny_diffusers_folder(tmp, "sd1", inpaint=True),
-               "sd2v": tiny_models.tiny_diffusers_folder(tmp, "sd2")}
+    small = dict(layers_per_block=1)  # pipelines, not weight names, are tested here: the quicker UNet
+    folders = {"sd1": tiny_models.tiny_diffusers_folder(tmp, "sd1", **small),
+               "inpaint": tiny_models.tiny_diffusers_folder(tmp, "sd1", inpaint=True, **small),
+               "sd2v": tiny_models.tiny_diffusers_folder(tmp, "sd2", **small)}
     # SD 2.x (768 px) style: the OpenCLIP-like text encoder, linear projections, and a v-prediction DDIM
     scheduler_file = folders["sd2v"] / "scheduler" / "scheduler_config.json"
     config = json.loads(scheduler_file.read_text())
@@ -170,7 +175,8 @@ def test_inpaint_with_an_ordinary_unet_keeps_the_image_outside_the_mask(folders,
 
 def test_same_shapes_do_not_recompile(pipes):
     pipe = pipes["sd1"]
-    kw = dict(num_inference_steps=3, height=SIZE, width=SIZE)
+    # test_text2img_matches_diffusers' first program
+    kw = dict(num_inference_steps=10, height=SIZE, width=SIZE, negative_prompts=NEGATIVE)
     pipe.text2img(PROMPTS, **kw)
     before = pipeline._denoise_jit._cache_size()
     a = pipe.text2img(["another prompt", "and one more"], guidance_scale=3.0, seed=5, **kw)

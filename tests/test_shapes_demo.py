@@ -58,7 +58,7 @@ def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noq
     out = tmp_path / "eval"
     result = subprocess.run(
         [sys.executable, "-m", "sdjax.eval.shapes", "--checkpoint", str(export), "--num_images=4", "--steps=2",
-         "--size=32", "--batch_size=4", f"--output_dir={out}"],
+         "--size=32", "--batch_size=12", f"--output_dir={out}"],  # sample.py's program: read from the cache
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| seen combinations | 4 |" in result.stdout and "| held-out combinations | 4 |" in result.stdout
