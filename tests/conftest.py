@@ -3,7 +3,6 @@
 * One persistent XLA compilation cache for the whole session: the pytest-xdist controller picks a fresh folder
   and every worker, and every subprocess they start (train.py, sample.py, two-process runs), inherits it through
   the environment, so a program compiles once per session wherever it runs first.
-* FAST_COMPILE: the XLA flag that subprocesses (train.py, sample.py, two-process runs) are started with.
 * No silent skips: a skipped test fails the session unless its reason starts with one of ACCEPTED_SKIPS (a
   reference that is missing is an install error, not a skip).
 """
@@ -17,10 +16,6 @@ import pytest
 
 ACCEPTED_SKIPS = ("needs a GPU", "needs a machine without a GPU")
 _CACHE_ENV = "SDJAX_TEST_COMPILATION_CACHE"
-# Unoptimised XLA code: programs compile ~15-30% faster, which is what short subprocess runs spend their time on.
-# It changes rounding (a mean over 4 micro-batches vs one batch of 8 moved by 1.5e-6 relative), so in-process tests,
-# which compare at fp32 round-off, keep the default; a subprocess compared with another runs with it too.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def pytest_configure(config):

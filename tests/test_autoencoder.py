@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sdjax import pretrained
 from sdjax.autoencoder import VARIANTS, AutoencoderKL, AutoencoderKLConfig, from_latents, sample_latent, to_latents
 from sdjax.weights.torch_names import load_state_dict, to_state_dict
 
@@ -33,7 +34,7 @@ def nchw(a):
 
 def build(cfg, **kwargs):
     """An AutoencoderKL with abstract parameters (no random init), ready for load_state_dict."""
-    return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), **kwargs))
+    return pretrained.abstract_module(AutoencoderKL, cfg, **kwargs)
 
 
 def param_count(module):

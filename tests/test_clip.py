@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sdjax import pretrained
 from sdjax.clip import VARIANTS, CLIPTextConfig, CLIPTextEncoder, strip_text_model_prefix
 from sdjax.weights import diffusers_folder
 from sdjax.weights.torch_names import load_state_dict, to_state_dict
@@ -21,7 +22,7 @@ def rel_err(a, b):
 
 
 def build(cfg, **kwargs):
-    return nnx.eval_shape(lambda: CLIPTextEncoder(cfg, rngs=nnx.Rngs(0), **kwargs))
+    return pretrained.abstract_module(CLIPTextEncoder, cfg, **kwargs)
 
 
 def param_count(module):

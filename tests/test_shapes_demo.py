@@ -18,7 +18,9 @@ from sdjax.weights import diffusers_folder
 from sdjax.weights.safetensors_io import read_safetensors
 from tests.test_train_script import ROOT, cache_dir, losses, run_env, train  # noqa: F401 (fixture)
 
-SMALL = ["--config.data.shapes_size=32", "--config.data.resolution=32", "--config.checkpoint.every=0"]
+# 32 px; stage 2 caches the latents of 320 shapes (the 40 steps' 320 images), not the config's 10,000
+SMALL = ["--config.data.shapes_size=32", "--config.data.resolution=32", "--config.checkpoint.every=0",
+         "--config.data.shapes_length=320"]
 
 
 def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noqa: F811

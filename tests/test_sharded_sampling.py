@@ -13,13 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.conftest import FAST_COMPILE
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_python(code: str, *, devices: int):
-    """Runs code in a fresh process with `devices` CPU devices and XLA's default optimisation (what users run)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, capture_output=True,
@@ -76,9 +73,8 @@ def free_port():
 
 
 def sample_py(flags, *, devices: int, log: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    """sample.py in a fresh process, compiled with FAST_COMPILE (runs compared with each other all use it)."""
-    env = dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", **(env_extra or {}))
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               **(env_extra or {}))
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "sample.py", "--config", "configs/sample.py", *flags], env=env,
                                 cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)

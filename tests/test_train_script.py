@@ -22,8 +22,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import FAST_COMPILE
-
 ROOT = Path(__file__).resolve().parents[1]
 # Every run: 64 shapes at 32 px, 2 warm-up steps (so runs of different lengths share their first steps).
 # Adam's eps is raised from 1e-8: some parameters of the tiny UNet have analytically zero gradients (a conv
@@ -65,7 +63,8 @@ def cache_dir():
 def run_env(cache_dir, devices: int | None = None, **extra) -> dict:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", JAX_PLATFORMS="cpu", **extra)
-    env["XLA_FLAGS"] = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
 
@@ -124,6 +123,10 @@ def checkpoints(workdir) -> list[int]:
 # One device, two devices, two processes
 # ---------------------------------------------------------------------------------------------------------
 
+# The tests that compare with `reference` run on one xdist worker: the other need not wait for it to be built.
+ON_THE_REFERENCE_WORKER = pytest.mark.xdist_group("reference")
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, cache_dir, tiny_sd1):
     """The uninterrupted single-device fine-tuning run: 6 steps, checkpoints after 3 and 6, exported."""
@@ -132,6 +135,7 @@ def reference(tmp_path_factory, cache_dir, tiny_sd1):
         "--config.export.formats=('diffusers', 'single_file')", env=run_env(cache_dir)))
 
 
+@ON_THE_REFERENCE_WORKER
 def test_tiny_run_writes_metrics_checkpoints_and_tensorboard(reference):
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -173,6 +177,7 @@ def kill_on_exit(procs):
                 p.wait()
 
 
+@ON_THE_REFERENCE_WORKER
 def test_fsdp_over_two_processes_matches_one_device(tmp_path, cache_dir, tiny_sd1, reference):
     """A (data=2, fsdp=4) mesh over 8 devices, 4 in each of two processes (gloo): the losses of steps 1-3 and the
     train state of step 3 are the single-device reference run's (1e-5). Single-process data parallelism is
@@ -217,6 +222,7 @@ def wait_for(predicate, proc, what: str, timeout: float = 300):
         time.sleep(0.02)
 
 
+@ON_THE_REFERENCE_WORKER
 def test_killed_run_resumes_with_the_same_losses_and_parameters(tmp_path, cache_dir, tiny_sd1, reference):
     env = run_env(cache_dir)
     args = (f"--config.model.init_from={tiny_sd1}", "--config.num_steps=6", "--config.checkpoint.every=2")
@@ -336,6 +342,7 @@ def test_benchmark_reports_speed_and_memory(train_module, tmp_path, monkeypatch,
 # Fine-tuning a diffusers checkpoint
 # ---------------------------------------------------------------------------------------------------------
 
+@ON_THE_REFERENCE_WORKER
 def test_finetune_diffusers_checkpoint_lowers_the_loss_and_exports_for_diffusers(reference, tiny_sd1):
     got = losses(reference)
     assert np.mean([got[5], got[6]]) < 0.75 * np.mean([got[1], got[2]]), got

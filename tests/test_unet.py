@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sdjax import pretrained
 from sdjax.unet import VARIANTS, UNet2DConditionModel, UNetConfig
 from sdjax.weights.torch_names import load_state_dict, to_state_dict
 
@@ -43,8 +44,9 @@ def rel_err(a, b):
 
 
 def build(cfg, **kwargs):
-    """A UNet with abstract parameters (no random init), ready for load_state_dict."""
-    return nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0), **kwargs))
+    """A UNet with abstract parameters (no random init), ready for load_state_dict: what nnx.eval_shape of the
+    constructor gives (test_pretrained), 30x quicker."""
+    return pretrained.abstract_module(UNet2DConditionModel, cfg, **kwargs)
 
 
 def twin(unet, **kwargs):
@@ -56,7 +58,7 @@ def twin(unet, **kwargs):
 
 @functools.cache
 def abstract_param_count(cfg):
-    """Parameter count through nnx.eval_shape; cached per architecture (sample_size and upcast change no weight)."""
+    """Parameter count of the abstract module; cached per architecture (sample_size and upcast change no weight)."""
     if cfg.sample_size is not None or cfg.upcast_attention:
         return abstract_param_count(dataclasses.replace(cfg, sample_size=None, upcast_attention=False))
     return sum(x.size for x in jax.tree.leaves(nnx.state(build(cfg), nnx.Param)))
@@ -232,7 +234,7 @@ def test_state_dict_names_and_shapes_match_diffusers(name):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_to_diffusers_builds_the_same_model(name):
-    """Full-size variants through nnx.eval_shape only: nothing is materialised on either side."""
+    """Full-size variants abstractly only (shapes and dtypes): nothing is materialised on either side."""
     cfg = VARIANTS[name]
     d = cfg.to_diffusers()
     assert d["_class_name"] == "UNet2DConditionModel"
