@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sdjax import autoencoder, clip, initializers, unet
@@ -49,8 +50,6 @@ class Variant:
         """Randomly initialised (text_encoder, unet, vae); kwargs: dtype, param_dtype, attention_impl. The values
         are the plan's, what train.py starts from: one small program, bit for bit a jitted `nnx.Rngs(seed)`
         construction (an eager one, 15x slower for the tiny variant, can differ in the last bit)."""
-        import jax.numpy as jnp
-
         abstract, init_plan = self.plan(**kwargs)
         split = {name: nnx.split(module) for name, module in abstract.items()}
         values = init_plan.values({name: nnx.to_pure_dict(state) for name, (_, state) in split.items()}, seed=seed)
