@@ -2,10 +2,10 @@
 
     python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompt="a red fox in snow"
 """
-import sys
-
 from absl import app
 from ml_collections import config_flags
+
+from sdjax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sample.py", "sampling config file")
 
@@ -21,16 +21,14 @@ def main(argv):
         try:
             jax.distributed.initialize()
         except ValueError as e:  # no cluster that jax recognises
-            print(f"sample.py: error: --config.distributed=True: {e} jax.distributed.initialize() reads the "
-                  "coordinator, the process count and this process's id from SLURM, Open MPI, Kubernetes or "
-                  "Cloud TPU: launch one process per host through one of them", file=sys.stderr)
-            sys.exit(2)
+            cli.fail("sample.py", f"--config.distributed=True: {e} jax.distributed.initialize() reads the "
+                     "coordinator, the process count and this process's id from SLURM, Open MPI, Kubernetes or "
+                     "Cloud TPU: launch one process per host through one of them")
     try:
         jobs.run(_CONFIG.value)
     except jobs.ConfigError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("sample.py", str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, prog="sample.py")

@@ -93,6 +93,37 @@ def check_batch_size(batch_size: int, num_devices: int, num_processes: int) -> N
         raise ValueError(f"batch_size={batch_size} must be a multiple of " + " and of ".join(failed))
 
 
+def record_config(workdir: Path, config, step: int) -> None:
+    """workdir/config.json: the config of the run that started the workdir, kept; a resumed run whose settings
+    differ from the last recorded ones is recorded beside it as config.step_<step>.json (the step it started from)."""
+    text = config.to_json_best_effort(indent=2) + "\n"
+    first = workdir / "config.json"
+    if not first.exists():
+        first.write_text(text)
+        return
+    latest = max(workdir.glob("config.step_*.json"), default=first)  # zero-padded steps: the names sort by step
+    if json.loads(latest.read_text()) != json.loads(text):
+        (workdir / f"config.step_{step:07d}.json").write_text(text)
+        log.info("config differs from %s: recorded as config.step_%07d.json", latest.name, step)
+
+
+def supersede_metrics(workdir: Path, step: int) -> None:
+    """Rows of metrics.jsonl after `step` (the resumed step) were logged by a run that did not save them: they move
+    to metrics.superseded.jsonl, so metrics.jsonl reads as one run and nothing is deleted."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    later = [line for line in lines if line.strip() and json.loads(line).get("step", 0) > step]
+    if later:
+        with open(workdir / "metrics.superseded.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(later)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line for line in lines if line not in later), encoding="utf-8")
+        tmp.replace(path)
+        log.info("metrics.jsonl: %d row(s) after step %d moved to metrics.superseded.jsonl", len(later), step)
+
+
 class Reporter:
     """metrics.jsonl, TensorBoard and the progress bar (process 0 only)."""
 
@@ -159,8 +190,7 @@ def main(config, *, sample_fn=None) -> dict:
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    checkpoint.check_export(tuple(config.export.formats), config.export.dtype, config.stage)
 
     # Mesh and data: each process reads its own rows of every global batch.
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -191,8 +221,9 @@ def main(config, *, sample_fn=None) -> dict:
     state_shardings = sharding.param_shardings(mesh, state_abstract, min_size=min_size)
     sharding.barrier("models")
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(checkpoint.abstract_with_shardings(state_abstract, state_shardings))
+    restored = ckpt.restore_readable(checkpoint.abstract_with_shardings(state_abstract, state_shardings))
+    if restored is not None:
+        state, meta = restored
         del params
         if (meta.get("batch_size"), meta.get("seed")) != (config.batch_size, config.seed):
             log.warning("resuming with batch_size/seed %s/%s (checkpoint: %s/%s): the data order changes",
@@ -202,6 +233,10 @@ def main(config, *, sample_fn=None) -> dict:
         state = training.sharded_init_state(params, tx, state_shardings, seed=config.seed,
                                             ema_decay=config.ema.decay)
 
+    start = int(jax.device_get(state["step"]))
+    if is_main:  # the run is known to start: record its config, and supersede what a killed run logged after start
+        record_config(workdir, config, start // config.optimizer.grad_accum_steps)
+        supersede_metrics(workdir, start // config.optimizer.grad_accum_steps)
     log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start,
              f"{sum(np.size(x) for x in jax.tree.leaves(state['params'])):,}")
     loss_fn = training.make_loss_fn(config, scheduler_config=models.scheduler_config,
@@ -227,7 +262,6 @@ def main(config, *, sample_fn=None) -> dict:
                                                 resolution=config.data.resolution)
 
     # The loop: step s (micro-step m = s * accum + k) reads global batch m of the data order.
-    start = int(jax.device_get(state["step"]))
     total = config.num_steps * accum
     shard = dict(seed=config.seed, start_step=start, process_index=jax.process_index(), process_count=nproc,
                  shuffle=config.data.shuffle)
@@ -341,6 +375,8 @@ if __name__ == "__main__":
     from absl import app
     from ml_collections import config_flags
 
+    from sdjax import cli
+
     _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
                                               lock_config=True)
 
@@ -353,12 +389,14 @@ if __name__ == "__main__":
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
         try:
             result = main(_CONFIG.value)
-        except (ValueError, FileNotFoundError, FloatingPointError) as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+        except (ValueError, FileNotFoundError) as e:
+            cli.fail("train.py", str(e))
+        except FloatingPointError as e:  # not a settings error: exit code 3
+            print(f"train.py: error: {cli.one_line(e)}", file=sys.stderr)
+            sys.exit(3)
         log.info("done: %s", result)
         if jax.process_index() == 0:
             print(f"train.py: step {result['step']}, loss {result['loss']:.4f}; checkpoints in {result['checkpoints']}"
                   + (f"; model exported to {result['export']}" if result["export"] and not result["preempted"] else ""))
 
-    app.run(_run)
+    cli.run(_run, prog="train.py")

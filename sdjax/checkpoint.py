@@ -53,12 +53,52 @@ class Checkpointer:
                                                                  meta=ocp.args.JsonRestore()))
         return out.state, out.meta
 
+    def restore_readable(self, abstract_state):
+        """(state, meta) of the newest checkpoint that reads back, or None if the workdir has none.
+
+        A newer one that does not read back (files missing or truncated: a crash mid-save, a full disk) is renamed
+        `checkpoints/N.unreadable` (kept for inspection, never deleted) with one log line that names it and why.
+        Checkpoints of another model (other array shapes than `abstract_state`) are a ValueError that says so."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            self._check_same_model(step, abstract_state)
+            try:
+                return self.restore(abstract_state, step)
+            except Exception as e:  # orbax / tensorstore raise many types for damaged files
+                if jax.process_count() > 1:
+                    raise ValueError(f"checkpoint {self.directory / str(step)} does not read back ({_short(e)}); "
+                                     f"move it away to resume from an older one") from None
+                aside = self.directory / f"{step}.unreadable"
+                (self.directory / str(step)).rename(aside)
+                log.warning("checkpoint %d does not read back (%s): moved to %s, resuming from an older one",
+                            step, _short(e), aside)
+                self.manager.reload()
+        return None
+
+    def _check_same_model(self, step: int, abstract_state) -> None:
+        try:
+            tree = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree
+        except Exception:  # unreadable metadata: restore() finds the damage and says so
+            return
+        saved = sorted(tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "shape"))
+        wanted = sorted(tuple(np.shape(x)) for x in jax.tree.leaves(abstract_state))
+        if saved != wanted:
+            count = sum(int(np.prod(s)) for s in saved)
+            raise ValueError(f"{self.directory} holds checkpoints of a different model ({len(saved)} arrays, "
+                             f"{count:,} values; this config's train state has {len(wanted)} arrays, "
+                             f"{sum(int(np.prod(s)) for s in wanted):,} values): use another --config.workdir, or "
+                             f"move {self.directory} away to start this model from the beginning")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def abstract_with_shardings(tree, shardings):
@@ -144,6 +184,23 @@ def load_vae(path: str | os.PathLike, **kwargs):
 _EXPORT_DTYPES = {"": None, "float32": np.float32, "float16": np.float16, "bfloat16": "bfloat16"}
 
 
+EXPORT_FORMATS = ("diffusers", "single_file", "vae")
+
+
+def check_export(formats, dtype: str, stage: str) -> None:
+    """The export settings, checked before training starts (a typo must not cost the run): a ValueError that names
+    the setting and the choices."""
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"export.formats={tuple(formats)}: {unknown[0]!r} is not a format; choose from "
+                         f"{', '.join(EXPORT_FORMATS)}")
+    if stage == "autoencoder" and set(formats) - {"vae"}:
+        raise ValueError(f"export.formats={tuple(formats)}: an autoencoder run trains only the VAE; export it with "
+                         f"export.formats=('vae',)")
+    if dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"export.dtype={dtype!r}; choose one of {', '.join(repr(d) for d in _EXPORT_DTYPES)}")
+
+
 def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str | os.PathLike,
                  formats: tuple[str, ...], dtype: str = "") -> list[Path]:
     """Write the trained modules: "diffusers" -> path/ (a diffusers folder), "single_file" ->
@@ -154,8 +211,7 @@ def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str 
     from sdjax import pretrained
     from sdjax.pipeline import StableDiffusion
 
-    if dtype not in _EXPORT_DTYPES:
-        raise ValueError(f"export.dtype={dtype!r}; choose one of {sorted(_EXPORT_DTYPES)}")
+    check_export(formats, dtype, "autoencoder" if set(formats) == {"vae"} else "diffusion")
     np_dtype = _EXPORT_DTYPES[dtype]
     if np_dtype == "bfloat16":
         import ml_dtypes
@@ -167,8 +223,6 @@ def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str 
         if fmt == "vae":
             written.append(save_vae(modules["vae"], path / "vae", dtype=np_dtype))
             continue
-        if fmt not in ("diffusers", "single_file"):
-            raise ValueError(f"export format {fmt!r}; choose from 'diffusers', 'single_file', 'vae'")
         missing = [m for m in ("text_encoder", "unet", "vae") if m not in modules]
         if missing:
             raise ValueError(f"export {fmt!r} needs a whole pipeline; this run has no {missing} (an autoencoder "

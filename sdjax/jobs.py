@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 
@@ -52,13 +53,19 @@ def pending(slots: list[ImageSlot], output_dir: str | Path) -> list[ImageSlot]:
     return [s for s in slots if not (output_dir / s.filename()).exists()]
 
 
-def agreed_pending(slots: list[ImageSlot], output_dir: str | Path) -> list[ImageSlot]:
+def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dict | None = None) -> list[ImageSlot]:
     """`pending` as process 0 sees it, on every process (only process 0 writes the files, and the processes
-    must run the same batches: without a shared filesystem the others' folders would not tell what is done)."""
+    must run the same batches: without a shared filesystem the others' folders would not tell what is done).
+
+    settings: the PNG `parameters` fields this job fixes (`known_settings`); an image already in the folder that
+    records others was made by another job, and every process stops with a ConfigError that names it."""
     import jax
 
     todo = pending(slots, output_dir)
+    conflict = settings_conflict(slots, todo, output_dir, settings) if settings and jax.process_index() == 0 else ""
     if jax.process_count() == 1:
+        if conflict:
+            raise ConfigError(conflict)
         return todo
     import zlib
 
@@ -71,9 +78,64 @@ def agreed_pending(slots: list[ImageSlot], output_dir: str | Path) -> list[Image
         raise ConfigError(f"the {jax.process_count()} processes were given different jobs (prompts, "
                           "num_images_per_prompt, seed or negative prompt differ between hosts)")
     names = {s.filename() for s in todo}
-    mine = np.array([s.filename() in names for s in slots], np.int32)
+    mine = np.array([s.filename() in names for s in slots] + [bool(conflict)], np.int32)
     agreed = np.asarray(multihost_utils.broadcast_one_to_all(mine))
-    return [s for s, p in zip(slots, agreed) if p]
+    if agreed[-1]:
+        raise ConfigError(conflict or f"process 0's {output_dir} holds images of another job (its log says which)")
+    return [s for s, p in zip(slots, agreed[:-1]) if p]
+
+
+def known_settings(config) -> dict[str, str]:
+    """The PNG `parameters` fields a sampling config fixes before its model is loaded (as a1111_parameters writes
+    them): the sampler and size only where the config names them (else they come from the checkpoint)."""
+    fields = {"Steps": str(config.steps), "CFG scale": str(effective_guidance(config.guidance_scale)),
+              "Model": Path(config.checkpoint or config.variant).name}
+    if config.sampler:
+        fields["Sampler"] = config.sampler
+    if config.height and config.width:
+        fields["Size"] = f"{config.width}x{config.height}"
+    if config.clip_skip:
+        fields["Clip skip"] = str(config.clip_skip + 1)
+    return fields
+
+
+def effective_guidance(guidance_scale: float) -> float:
+    """The guidance scale a sampling run applies: at most 1 means no guidance, the same images as 1."""
+    return max(float(guidance_scale), 1.0)
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {field: value}) of an A1111 `parameters` text as a1111_parameters writes it."""
+    lines = text.split("\n")
+    fields = dict(item.split(": ", 1) for item in lines[-1].split(", ") if ": " in item)
+    negative = [line.removeprefix("Negative prompt: ") for line in lines[:-1] if line.startswith("Negative prompt: ")]
+    prompt = "\n".join(line for line in lines[:-1] if not line.startswith("Negative prompt: "))
+    return prompt, negative[0] if negative else "", fields
+
+
+def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir: str | Path,
+                      settings: dict[str, str]) -> str:
+    """"" if every image of `slots` already in `output_dir` records this job's prompt, seed and `settings`; else
+    one line naming the first that does not, what differs, and the fix."""
+    left = {s.index for s in todo}
+    for slot in slots:
+        if slot.index in left:
+            continue
+        path = Path(output_dir) / slot.filename()
+        try:
+            with Image.open(path) as image:
+                text = image.text.get("parameters", "")
+        except (OSError, SyntaxError, ValueError) as e:
+            return f"{path} is not a readable PNG ({one_line(e)}): delete it and run again to regenerate it"
+        prompt, negative, fields = parse_parameters(text)
+        expected = {"prompt": slot.prompt, "negative prompt": slot.negative_prompt, "Seed": str(slot.seed),
+                    "Image index": str(slot.index), **settings}
+        found = {"prompt": prompt, "negative prompt": negative, **fields}
+        differ = [f"{k} {found.get(k, '(none)')!r} here, {v!r} now" for k, v in expected.items() if found.get(k) != v]
+        if differ:
+            return (f"{path} was made by another job ({'; '.join(differ)}): use another --config.output_dir, or "
+                    f"delete the old images to regenerate them")
+    return ""
 
 
 def batches(slots: list[ImageSlot], batch_size: int) -> list[list[ImageSlot]]:
@@ -132,6 +194,13 @@ def _checked(config) -> None:
     if config.checkpoint and not Path(config.checkpoint).exists():
         raise ConfigError(f"--config.checkpoint={config.checkpoint} does not exist; give a diffusers folder or a "
                           ".safetensors/.ckpt file")
+    if config.checkpoint:
+        from sdjax.pretrained import checkpoint_kind
+
+        try:
+            checkpoint_kind(config.checkpoint)
+        except ValueError as e:
+            raise ConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
     if bool(config.prompt) == bool(config.prompts_file):
         raise ConfigError("give exactly one of --config.prompt='...' or --config.prompts_file=PATH")
     for key in ("height", "width"):
@@ -149,6 +218,40 @@ def _checked(config) -> None:
         raise ConfigError(f"--config.dtype={config.dtype!r}: use one of {', '.join(_DTYPES)}")
     if config.steps < 1 or config.num_images_per_prompt < 1 or config.batch_size < 1:
         raise ConfigError("--config.steps, --config.num_images_per_prompt and --config.batch_size must be >= 1")
+    if config.seed < 0:
+        raise ConfigError(f"--config.seed={config.seed}: use 0 or more (image i of the job draws noise (seed, i))")
+    from sdjax.attention import IMPLEMENTATIONS
+
+    if config.attention not in IMPLEMENTATIONS:
+        raise ConfigError(f"--config.attention={config.attention!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+    if not config.guidance_scale >= 0:
+        raise ConfigError(f"--config.guidance_scale={config.guidance_scale}: use 0 or more (up to 1: no guidance)")
+    if config.clip_skip < 0:
+        raise ConfigError(f"--config.clip_skip={config.clip_skip}: use 0 (the last layer) or more")
+    sizes = {key: _image_size(config[key], key) for key in ("init_image", "mask_image") if config[key]}
+    if len(sizes) == 2 and sizes["init_image"] != sizes["mask_image"]:
+        raise ConfigError("--config.mask_image is {}x{}, --config.init_image {}x{}: give a mask of the image's "
+                          "size".format(*sizes["mask_image"], *sizes["init_image"]))
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--config.output_dir={out} is a file; give a folder")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--config.output_dir={out}: {existing} is not writable; give a folder you can write to")
+
+
+def _image_size(path: str, key: str) -> tuple[int, int]:
+    """(width, height) of an image file, read in full (a truncated or non-image file is a ConfigError)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.size
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a file it cannot read
+        raise ConfigError(f"--config.{key}={path} is not an image PIL can read ({one_line(e)})") from None
+
+
+def one_line(e) -> str:
+    return " ".join(str(e).split())
 
 
 def load_model(config):
@@ -203,8 +306,12 @@ def run(config) -> Path:
     out_dir = Path(config.output_dir)
     slots = image_slots(prompts, negative_prompt=config.negative_prompt,
                         num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
-    todo = agreed_pending(slots, out_dir)  # before the model: processes given different jobs stop at once
+    todo = agreed_pending(slots, out_dir, known_settings(config))  # before the model: a wrong job stops at once
     pipe = load_model(config)
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if config.clip_skip >= layers:
+        raise ConfigError(f"--config.clip_skip={config.clip_skip}: this text encoder has {layers} layers; use 0 to "
+                          f"{layers - 1}")
     height, width = config.height or pipe.default_size, config.width or pipe.default_size
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,8 +344,10 @@ def run(config) -> Path:
             **({"strength": init["strength"]} if init else {}), **extra, **kwargs)
         if jax.process_index() == 0:
             for slot, image in zip(batch[:n], images):
-                params = a1111_parameters(slot, steps=config.steps, sampler=sampler, cfg_scale=config.guidance_scale,
-                                          width=width, height=height, model=Path(config.checkpoint or config.variant).name)
+                params = a1111_parameters(slot, steps=config.steps, sampler=sampler,
+                                          cfg_scale=effective_guidance(config.guidance_scale), width=width,
+                                          height=height, model=Path(config.checkpoint or config.variant).name,
+                                          extra={"Clip skip": config.clip_skip + 1} if config.clip_skip else None)
                 save_png(image, out_dir / slot.filename(), params)
         bar.set_description(f"batch {k + 1}: {time.perf_counter() - start:.1f}s")
         bar.update(n)

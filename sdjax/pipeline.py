@@ -65,10 +65,13 @@ class StableDiffusion:
         return generate(self, prompts, **kwargs)
 
     def img2img(self, prompts, init_images, *, strength: float = 0.8, **kwargs) -> np.ndarray:
-        return generate(self, prompts, init_images=init_images, strength=strength, **kwargs)
+        return generate(self, prompts, init_images=_as_images(init_images, "init_images", len(_as_list(prompts))),
+                        strength=strength, **kwargs)
 
     def inpaint(self, prompts, images, masks, *, strength: float = 1.0, **kwargs) -> np.ndarray:
-        return generate(self, prompts, init_images=images, masks=masks, strength=strength, **kwargs)
+        count = len(_as_list(prompts))
+        return generate(self, prompts, init_images=_as_images(images, "images", count),
+                        masks=_as_images(masks, "masks", count), strength=strength, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +185,36 @@ def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidanc
 _denoise_jit = jax.jit(_denoise, static_argnames=("graphdef", "static"))
 
 
-def _as_list(prompts) -> list[str]:
-    return [prompts] if isinstance(prompts, str) else list(prompts)
+def _as_list(prompts, what: str = "prompts") -> list[str]:
+    """A prompt or a sequence of prompts as a list; anything else is a TypeError that says what was expected."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    got = type(prompts).__name__ if not isinstance(prompts, Sequence) else \
+        f"a {type(prompts).__name__} holding {sorted({type(p).__name__ for p in prompts if not isinstance(p, str)})}"
+    raise TypeError(f"{what} must be a string or a list of strings, got {got}")
+
+
+def _as_images(images, what: str, count: int) -> list:
+    """`count` images (PIL images or arrays) as a list: one image alone (PIL, or an (H, W, C) image / (H, W) mask
+    array) stands for all of them; a (B, H, W[, C]) array is B of them."""
+    from PIL import Image
+
+    single_ndim = 2 if what == "masks" else 3
+    if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == single_ndim):
+        images = [images] * count
+    if not isinstance(images, (Sequence, np.ndarray)):
+        raise TypeError(f"{what} must be a list of PIL images or arrays, got {type(images).__name__}")
+    if len(images) != count:
+        raise ValueError(f"{len(images)} {what} for {count} prompts: give one per prompt (or one for all)")
+    return list(images)
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an (H, W[, C]) array."""
+    return image.size if hasattr(image, "size") and not isinstance(image, np.ndarray) else \
+        (np.shape(image)[1], np.shape(image)[0])
 
 
 def load_images(images, height: int, width: int) -> np.ndarray:
@@ -255,7 +286,7 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     B = len(prompts)
     if B == 0:
         raise ValueError("no prompts given")
-    negative = [""] * B if negative_prompts is None else _as_list(negative_prompts)
+    negative = [""] * B if negative_prompts is None else _as_list(negative_prompts, "negative_prompts")
     if len(negative) == 1 and B > 1:
         negative = negative * B
     if len(negative) != B:
@@ -273,6 +304,19 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         raise ValueError("this is an inpainting UNet (9 input channels): give images and masks (pipe.inpaint)")
     if output_type not in ("uint8", "latent"):
         raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
+    if not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale={guidance_scale}: use 0 or more (up to 1: no guidance, the prompt alone)")
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if not 0 <= clip_skip < layers:
+        raise ValueError(f"clip_skip={clip_skip}: the text encoder has {layers} layers; use 0 to {layers - 1}")
+    if init_images is not None:
+        init_images = _as_images(init_images, "init_images", B)
+    if masks is not None:
+        masks = _as_images(masks, "masks", B)
+        for k, (image, mask) in enumerate(zip(init_images, masks)):
+            if _image_size(mask) != _image_size(image):
+                raise ValueError("mask {} is {}x{}, its image {}x{}: give masks the size of their images (both are "
+                                 "then resized to the output size)".format(k, *_image_size(mask), *_image_size(image)))
     mode = "text2img" if init_images is None else ("img2img" if masks is None else "inpaint")
     scheduler_config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler, **(scheduler_overrides or {}))
     static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
@@ -284,12 +328,8 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     mask_arr = np.zeros((B, 1, 1, 1), np.float32)
     if init_images is not None:
         images = load_images(init_images, height, width)
-        if len(images) != B:
-            raise ValueError(f"{len(images)} init images for {B} prompts")
     if masks is not None:
         mask_arr = load_masks(masks, height, width)
-        if len(mask_arr) != B:
-            raise ValueError(f"{len(mask_arr)} masks for {B} prompts")
     batch = [pipe.tokenizer(prompts), pipe.tokenizer(negative), seeds, indices, images, mask_arr]
 
     graphdef, state = nnx.split((pipe.text_encoder, pipe.unet, pipe.vae))

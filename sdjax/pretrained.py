@@ -77,21 +77,29 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     """
     path = Path(path)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention_impl=attention_impl)
+    if checkpoint_kind(path) == "folder":
+        pipe = _load_diffusers_folder(path, **kwargs)
+    else:
+        pipe = _load_single_file(path, prediction_type=prediction_type, **kwargs)
+    if prediction_type is not None:
+        pipe.scheduler_config["prediction_type"] = prediction_type
+    return pipe
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """"folder" (a diffusers folder) or "single_file", from the path alone; else the error that says what it is."""
+    path = Path(path)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers Stable Diffusion "
                              f"folder (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-        pipe = _load_diffusers_folder(path, **kwargs)
-    elif path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        pipe = _load_single_file(path, prediction_type=prediction_type, **kwargs)
-    elif not path.exists():
+        return "folder"
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return "single_file"
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a diffusers folder or a .safetensors/.ckpt file")
-    else:
-        raise ValueError(f"{path} is neither a diffusers folder (model_index.json) nor a single-file "
-                         f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
-    if prediction_type is not None:
-        pipe.scheduler_config["prediction_type"] = prediction_type
-    return pipe
+    raise ValueError(f"{path} is neither a diffusers folder (model_index.json) nor a single-file "
+                     f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
 
 
 def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:

@@ -585,3 +585,65 @@ def test_batch_size_error_names_the_condition_that_failed(tmp_path, monkeypatch,
     with pytest.raises(ValueError, match=r"^batch_size=8 must be a multiple of the 3 processes") as error:
         train_module.main(tiny_config(tmp_path))
     assert "devices" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults: a damaged checkpoint, another model's workdir, a re-run with other settings
+# ---------------------------------------------------------------------------------------------------------
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, monkeypatch, train_module, tiny_sd1, caplog):
+    """Checkpoint 4 loses a file (a crash or a full disk mid-save): the re-run resumes from 3 with one warning, keeps
+    the damaged one as 4.unreadable, and ends with the uninterrupted run's losses and parameters; the rows the lost
+    step had logged move to metrics.superseded.jsonl."""
+    monkeypatch.setattr(train_module.training, "make_train_step", fake_train_step())
+    overrides = {"checkpoint.every": 1, "model.init_from": str(tiny_sd1)}
+    train_module.main(tiny_config(tmp_path / "whole", num_steps=4, **overrides))
+    run = tmp_path / "run"
+    train_module.main(tiny_config(run, num_steps=4, **overrides))
+    damaged = [p for p in (run / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.stat().st_size]
+    for path in damaged:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        result = train_module.main(tiny_config(run, num_steps=4, **overrides))
+    warnings = [r.getMessage() for r in caplog.records if "does not read back" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("checkpoint 4 does not read back (")
+    assert f"moved to {run / 'checkpoints' / '4.unreadable'}, resuming from an older one" in warnings[0]
+    assert "\n" not in warnings[0] and result["step"] == 4
+    assert (run / "checkpoints" / "4.unreadable").is_dir() and checkpoints(run) == [1, 2, 3, 4]
+    assert losses(run) == losses(tmp_path / "whole")
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in (run / "metrics.superseded.jsonl").read_text().splitlines()] == [4]
+    whole, resumed = checkpoint_state(tmp_path / "whole", 4), checkpoint_state(run, 4)
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+
+
+def test_a_workdir_of_another_model_is_one_line(tmp_path, monkeypatch, train_module, tiny_sd1):
+    monkeypatch.setattr(train_module.training, "make_train_step", fake_train_step())
+    train_module.main(tiny_config(tmp_path, num_steps=1, **{"checkpoint.every": 1, "model.init_from": str(tiny_sd1)}))
+    monkeypatch.setattr(train_module.training, "build_models", small_models)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'checkpoints'} holds checkpoints of a different model \(\d+ "
+                                         r"arrays, [\d,]+ values; this config's train state has \d+ arrays, [\d,]+ "
+                                         r"values\): use another --config.workdir, or move .* away"):
+        train_module.main(tiny_config(tmp_path, num_steps=2))
+    assert checkpoints(tmp_path) == [1]
+
+
+def test_the_first_config_is_kept_and_a_resume_with_others_is_recorded_beside_it(tmp_path, monkeypatch,
+                                                                                  train_module, tiny_sd1):
+    """A run that fails its checks writes no config; a resumed run with other settings adds config.step_N.json."""
+    monkeypatch.setattr(train_module.training, "make_train_step", fake_train_step())
+    with pytest.raises(ValueError, match=r"^export.formats=\('diffusers', 'onnx'\): 'onnx' is not a format; choose "
+                                         r"from diffusers, single_file, vae$"):
+        train_module.main(tiny_config(tmp_path, **{"export.formats": ("diffusers", "onnx")}))
+    with pytest.raises(ValueError, match=r"an autoencoder run trains only the VAE; export it with"):
+        train_module.main(tiny_config(tmp_path, stage="autoencoder", **{"export.formats": ("diffusers",)}))
+    assert not (tmp_path / "config.json").exists()
+    overrides = {"checkpoint.every": 1, "model.init_from": str(tiny_sd1)}
+    train_module.main(tiny_config(tmp_path, num_steps=2, **overrides))
+    train_module.main(tiny_config(tmp_path, num_steps=3, **overrides))
+    assert json.loads((tmp_path / "config.json").read_text())["num_steps"] == 2
+    assert json.loads((tmp_path / "config.step_0000002.json").read_text())["num_steps"] == 3
+    train_module.main(tiny_config(tmp_path, num_steps=3, **overrides))  # the same settings again: nothing new
+    assert sorted(p.name for p in tmp_path.glob("config*.json")) == ["config.json", "config.step_0000002.json"]

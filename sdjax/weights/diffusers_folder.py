@@ -30,8 +30,33 @@ def write_json(obj: dict, path: Path) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _not_a_torch_file(path: Path) -> str | None:
+    """None if `path` starts as torch.save writes (a zip archive, or a legacy pickle), else what it looks like."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if len(head) >= 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a .safetensors file with another suffix: rename it to .safetensors"
+    if not head:
+        return "an empty file"
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
+        return "an HTML page (a download that returned a web page?)"
+    if head.lstrip().startswith((b"version https://git-lfs", b"oid sha256")):
+        return "a Git LFS pointer, not the weights: fetch them with git lfs pull"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"not a PyTorch checkpoint (it starts with bytes {head[:8].hex(' ')})"
+
+
 def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
     """A PyTorch pickle (.bin / .ckpt) as numpy arrays; the only place sdjax imports torch."""
+    what = _not_a_torch_file(path)
+    if what:
+        raise ValueError(f"{path} is {what}, not a PyTorch checkpoint (torch.save writes a zip archive)"
+                         if not what.startswith("not a") else f"{path} is {what}")
     try:
         import torch
     except ImportError:
