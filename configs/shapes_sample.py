@@ -1,7 +1,8 @@
 """Sample the offline demo's model (configs/shapes_vae.py then configs/shapes.py): one image per prompt and a grid.
 
     python sample.py --config configs/shapes_sample.py
-    python sample.py --config configs/shapes_sample.py --config.prompt="a large cyan triangle at the bottom"
+    python sample.py --config configs/shapes_sample.py --config.prompts_file= \
+        --config.prompt="a large cyan triangle at the bottom"
 
 The prompts (configs/shapes_prompts.txt) end with colour-shape pairs the model never saw in training
 (purple triangle, orange circle, green square). Every field of configs/sample.py can be overridden.

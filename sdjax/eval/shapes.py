@@ -241,7 +241,8 @@ def evaluate(pipe, *, num_images: int = 200, seed: int = 0, num_inference_steps:
     return results
 
 
-def _main(argv=None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sdjax.eval.shapes`."""
     parser = argparse.ArgumentParser(
         prog="python -m sdjax.eval.shapes",
         description="Generate images for shapes captions (seen and held-out colour-shape combinations) and report "
@@ -255,6 +256,11 @@ def _main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--output_dir", default="", help="default: <checkpoint>/../eval")
+    return parser
+
+
+def _main(argv=None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
 
     import jax
