@@ -70,6 +70,12 @@ def test_folder_to_tfds_writes_array_record_that_reads_back_exactly(stored):
         TFDSDataset("sdjax_no_such_images", data_dir=str(data_dir))
     with pytest.raises(ValueError, match=r"no feature 'text' \(data.caption_key\)"):
         TFDSDataset(NAME, data_dir=str(data_dir), caption_key="text")
+    with pytest.raises(ValueError, match=rf"^TFDS dataset '{NAME}' in {data_dir} has no split 'validation' "
+                                         r"\(data.tfds_split\)"):
+        TFDSDataset(NAME, data_dir=str(data_dir), split="validation")
+    with pytest.raises(ValueError, match=r"^TFDS dataset 'mnist' is not built in .*: build it once with `tfds build "
+                                         r"mnist --file_format=array_record` \(TFDS's own builders may need TensorFlow"):
+        TFDSDataset("mnist", data_dir=str(data_dir))  # registered with TFDS, never built here
 
 
 def test_train_on_tfds_resumes_with_the_same_data_order(stored, tmp_path, monkeypatch, train_module, tiny_sd1):

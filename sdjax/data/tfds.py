@@ -79,6 +79,16 @@ class TFDSDataset:
         except NotImplementedError as e:
             raise ValueError(f"TFDS dataset {name!r} has no random-access (ArrayRecord) files: rebuild it once with "
                              f"`tfds build {name} --file_format=array_record` ({e})") from None
+        except (KeyError, ValueError) as e:  # a registered dataset that is not built here, or an unknown split
+            where = data_dir or "the default TFDS data_dir"
+            if isinstance(e, ValueError) and "split" not in str(e).lower():
+                raise
+            if "is empty" in str(e):
+                raise ValueError(f"TFDS dataset {name!r} is not built in {where}: build it once with `tfds build "
+                                 f"{name} --file_format=array_record` (TFDS's own builders may need TensorFlow: pip "
+                                 f"install tensorflow-cpu), or pass the data_dir that holds it") from None
+            raise ValueError(f"TFDS dataset {name!r} in {where} has no split {split!r} (data.tfds_split): "
+                             f"{' '.join(str(e).split())}") from None
         self.name, self.image_key, self.caption_key, self.min_size = name, image_key, caption_key, int(min_size)
         self.skipped: list[tuple[int, str]] = []
         self._bad: set[int] = set()
