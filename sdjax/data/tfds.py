@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -76,17 +77,17 @@ class TFDSDataset:
             raise ValueError(f"TFDS dataset {name!r} not found in {data_dir or 'the default TFDS data_dir'}: build it "
                              f"first (sdjax.data.tfds.folder_to_tfds, or `tfds build {name} "
                              f"--file_format=array_record`), and pass its data_dir") from None
-        except NotImplementedError as e:
+        except NotImplementedError as e:  # TFDS says this both of a TFRecord-only build and of no build at all
+            if data_dir and not (Path(data_dir) / name.split(":")[0]).is_dir():
+                raise ValueError(self._not_built(name, data_dir)) from None
             raise ValueError(f"TFDS dataset {name!r} has no random-access (ArrayRecord) files: rebuild it once with "
-                             f"`tfds build {name} --file_format=array_record` ({e})") from None
+                             f"`tfds build {name} --file_format=array_record` ({' '.join(str(e).split())})") from None
         except (KeyError, ValueError) as e:  # a registered dataset that is not built here, or an unknown split
             where = data_dir or "the default TFDS data_dir"
             if isinstance(e, ValueError) and "split" not in str(e).lower():
                 raise
             if "is empty" in str(e):
-                raise ValueError(f"TFDS dataset {name!r} is not built in {where}: build it once with `tfds build "
-                                 f"{name} --file_format=array_record` (TFDS's own builders may need TensorFlow: pip "
-                                 f"install tensorflow-cpu), or pass the data_dir that holds it") from None
+                raise ValueError(self._not_built(name, data_dir)) from None
             raise ValueError(f"TFDS dataset {name!r} in {where} has no split {split!r} (data.tfds_split): "
                              f"{' '.join(str(e).split())}") from None
         self.name, self.image_key, self.caption_key, self.min_size = name, image_key, caption_key, int(min_size)
@@ -99,6 +100,12 @@ class TFDSDataset:
             if key not in first:
                 raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} (data.{what}); its features are "
                                  f"{sorted(first)}")
+
+    @staticmethod
+    def _not_built(name: str, data_dir: str | None) -> str:
+        return (f"TFDS dataset {name!r} is not built in {data_dir or 'the default TFDS data_dir'}: build it once with "
+                f"`tfds build {name} --file_format=array_record` (TFDS's own builders may need TensorFlow: pip "
+                f"install tensorflow-cpu), or pass the data_dir that holds it")
 
     def __len__(self) -> int:
         return len(self.source)
