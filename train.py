@@ -12,6 +12,7 @@ checkpoint left off, with the same data order and the same randomness; SIGTERM s
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -291,13 +292,18 @@ def main(config, *, sample_fn=None) -> dict:
             batch["input_ids"] = models.tokenizer(host["captions"])
         return sharding.host_batch_to_global(mesh, batch)
 
-    batch = device_batch(next(batches)) if start < total else None
-    if batch is not None:  # compile ahead, then line the processes up before the first collective runs
-        train_step = train_step.lower(state, frozen, batch).compile()
-        log.info("train step compiled %.1fs after start", time.time() - t_start)
-    sharding.barrier("compiled")
-    reporter = Reporter(config, workdir, start // accum)
-    watcher = checkpoint.PreemptionWatcher()
+    watcher = checkpoint.PreemptionWatcher()  # from here SIGTERM (during compilation too) saves the next step
+    try:
+        batch = device_batch(next(batches)) if start < total else None
+        if batch is not None:  # compile ahead, then line the processes up before the first collective runs
+            train_step = train_step.lower(state, frozen, batch).compile()
+            log.info("train step compiled %.1fs after start", time.time() - t_start)
+        sharding.barrier("compiled")
+        reporter = Reporter(config, workdir, start // accum)
+    except BaseException:
+        watcher.restore()
+        ckpt.close()
+        raise
     pending, preempted, micro = None, False, start
 
     def read(pending):
@@ -391,6 +397,8 @@ if __name__ == "__main__":
             result = main(_CONFIG.value)
         except (ValueError, FileNotFoundError) as e:
             cli.fail("train.py", str(e))
+        except OSError as e:  # a full disk (sdjax.checkpoint says which checkpoint is intact), a read-only workdir
+            cli.fail("train.py", e.strerror if e.errno == errno.ENOSPC and e.strerror else str(e))
         except FloatingPointError as e:  # not a settings error: exit code 3
             print(f"train.py: error: {cli.one_line(e)}", file=sys.stderr)
             sys.exit(3)

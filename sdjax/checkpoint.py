@@ -12,6 +12,8 @@ else a fresh initialisation.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -41,8 +43,25 @@ class Checkpointer:
         """Start saving `state` at `step` (returns once the arrays are copied off the devices)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        with self._disk_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, step: int | None = None):
+        """A save that fails for want of disk space (here or, being asynchronous, at the next save or wait) is an
+        OSError that says so, where, and which checkpoint is intact; orbax leaves the partial one as a tmp folder
+        that no restore reads."""
+        try:
+            yield
+        except Exception as e:  # orbax / tensorstore wrap the OS error in their own types
+            text = str(e)
+            if "No space left on device" not in text and "os_error_code='28'" not in text:
+                raise
+            intact = [s for s in self.manager.all_steps() if s != step]
+            raise OSError(errno.ENOSPC, f"a checkpoint could not be written to {self.directory}: no space left on "
+                          f"device; free some space (or lower checkpoint.keep) and restart: the run resumes from "
+                          + (f"checkpoint {max(intact)}, which is intact" if intact else "the start")) from None
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, meta) of checkpoint `step` (default: the latest), placed as `abstract_state` says."""
@@ -89,10 +108,12 @@ class Checkpointer:
                              f"move {self.directory} away to start this model from the beginning")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
         self.manager.close()
 
 

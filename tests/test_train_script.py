@@ -592,9 +592,10 @@ def test_batch_size_error_names_the_condition_that_failed(tmp_path, monkeypatch,
 # ---------------------------------------------------------------------------------------------------------
 
 def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, monkeypatch, train_module, tiny_sd1, caplog):
-    """Checkpoint 4 loses a file (a crash or a full disk mid-save): the re-run resumes from 3 with one warning, keeps
-    the damaged one as 4.unreadable, and ends with the uninterrupted run's losses and parameters; the rows the lost
-    step had logged move to metrics.superseded.jsonl."""
+    """Checkpoint 4's files are cut in half (a crash or a full disk mid-save), and a save of step 5 was killed
+    midway (orbax's tmp folder): the re-run resumes from 3 with one warning, keeps the damaged one as 4.unreadable,
+    and ends with the uninterrupted run's losses and parameters; the rows the lost step had logged move to
+    metrics.superseded.jsonl."""
     monkeypatch.setattr(train_module.training, "make_train_step", fake_train_step())
     overrides = {"checkpoint.every": 1, "model.init_from": str(tiny_sd1)}
     train_module.main(tiny_config(tmp_path / "whole", num_steps=4, **overrides))
@@ -603,6 +604,9 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, monke
     damaged = [p for p in (run / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.stat().st_size]
     for path in damaged:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    leftover = run / "checkpoints" / "5.orbax-checkpoint-tmp-1733000000" / "state"  # as a kill mid-save leaves it
+    leftover.mkdir(parents=True)
+    (leftover / "_METADATA").write_text('{"tree_metadata": {')
     with caplog.at_level("WARNING"):
         result = train_module.main(tiny_config(run, num_steps=4, **overrides))
     warnings = [r.getMessage() for r in caplog.records if "does not read back" in r.getMessage()]
@@ -647,3 +651,57 @@ def test_the_first_config_is_kept_and_a_resume_with_others_is_recorded_beside_it
     assert json.loads((tmp_path / "config.step_0000002.json").read_text())["num_steps"] == 3
     train_module.main(tiny_config(tmp_path, num_steps=3, **overrides))  # the same settings again: nothing new
     assert sorted(p.name for p in tmp_path.glob("config*.json")) == ["config.json", "config.step_0000002.json"]
+
+
+def test_sigterm_while_compiling_saves_the_first_step(tmp_path, monkeypatch, train_module, tiny_sd1):
+    """A preemption notice while the step compiles (minutes on a large model) is not lost: the first step runs,
+    is saved, and the run stops; the restart continues."""
+    monkeypatch.setattr(train_module.training, "make_train_step", fake_train_step())
+    barrier = train_module.sharding.barrier
+
+    def sigterm_after_compiling(name):
+        if name == "compiled":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return barrier(name)
+
+    monkeypatch.setattr(train_module.sharding, "barrier", sigterm_after_compiling)
+    handler = signal.getsignal(signal.SIGTERM)
+    config = tiny_config(tmp_path, num_steps=3, **{"checkpoint.every": 100, "model.init_from": str(tiny_sd1)})
+    result = train_module.main(config)
+    assert result["preempted"] and result["step"] == 1 and checkpoints(tmp_path) == [1]
+    monkeypatch.setattr(train_module.sharding, "barrier", barrier)
+    assert train_module.main(config)["step"] == 3 and checkpoints(tmp_path) == [1, 3]
+    assert signal.getsignal(signal.SIGTERM) is handler  # train.py's handler is gone after the run
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, train_module,
+                                                                               tiny_sd1):
+    """The error orbax raises when the disk fills (measured on a 300 KB tmpfs: ValueError RESOURCE_EXHAUSTED ...
+    No space left on device [os_error_code='28']), raised by the save of step 3: an OSError that says so and names
+    the intact checkpoint; a restart resumes from it."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    monkeypatch.setattr(train_module.training, "make_train_step", fake_train_step())
+    save = ocp.CheckpointManager.save
+
+    def save_until_full(self, step, *args, **kwargs):
+        if step == 3:
+            raise ValueError(f"RESOURCE_EXHAUSTED: Error writing \"a/0\" in OCDBT database at local file "
+                             f"\"{self.directory}/3.orbax-checkpoint-tmp/\": Failed to write 486567 bytes to file 4: "
+                             f"No space left on device [os_error_code='28']")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_full)
+    config = tiny_config(tmp_path, num_steps=4, **{"checkpoint.every": 1, "model.init_from": str(tiny_sd1)})
+    with pytest.raises(OSError) as error:
+        train_module.main(config)
+    assert error.value.errno == errno.ENOSPC
+    assert error.value.strerror == (f"a checkpoint could not be written to {tmp_path / 'checkpoints'}: no space left "
+                                    "on device; free some space (or lower checkpoint.keep) and restart: the run "
+                                    "resumes from checkpoint 2, which is intact")
+    assert checkpoints(tmp_path) == [1, 2]
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    assert train_module.main(config)["step"] == 4 and checkpoints(tmp_path) == [1, 2, 3, 4]
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
