@@ -241,8 +241,7 @@ def main(config, *, sample_fn=None) -> dict:
     log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start,
              f"{sum(np.size(x) for x in jax.tree.leaves(state['params'])):,}")
     loss_fn = training.make_loss_fn(config, scheduler_config=models.scheduler_config,
-                                    latent_scaling=(models.vae_config.scaling_factor,
-                                                    models.vae_config.shift_factor or 0.0))
+                                    latent_scaling=models.vae_config.latent_scaling)
     step_fn = training.make_train_step(models.graphdefs, loss_fn, tx, schedules, grad_accum_steps=accum,
                                        ema_decay=config.ema.decay, ema_warmup=config.ema.warmup)
     frozen_shardings = {k: module_shardings[k] for k in frozen}
