@@ -415,7 +415,7 @@ def small_models(config):
 
     graphdefs, states = training.split_modules({"unet": SmallNet(nnx.Rngs(config.seed))})
     return training.Models(graphdefs, states, None, default_tokenizer(), {},
-                           types.SimpleNamespace(scaling_factor=1.0, shift_factor=None))
+                           types.SimpleNamespace(scaling_factor=1.0, shift_factor=None, latent_scaling=(1.0, 0.0)))
 
 
 def image_mean_train_step(graphdefs, loss_fn, tx, schedules, **kwargs):
