@@ -114,13 +114,14 @@ def supersede_metrics(workdir: Path, step: int) -> None:
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    later = [line for line in lines if line.strip() and json.loads(line).get("step", 0) > step]
+    kept, later = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        (later if line.strip() and json.loads(line).get("step", 0) > step else kept).append(line)
     if later:
         with open(workdir / "metrics.superseded.jsonl", "a", encoding="utf-8") as f:
             f.writelines(later)
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line for line in lines if line not in later), encoding="utf-8")
+        tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(path)
         log.info("metrics.jsonl: %d row(s) after step %d moved to metrics.superseded.jsonl", len(later), step)
 

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdjax.cli import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -118,7 +120,7 @@ class Checkpointer:
 
 
 def _short(error: Exception, limit: int = 300) -> str:
-    text = " ".join(f"{type(error).__name__}: {error}".split())
+    text = one_line(f"{type(error).__name__}: {error}")
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
@@ -208,9 +210,9 @@ _EXPORT_DTYPES = {"": None, "float32": np.float32, "float16": np.float16, "bfloa
 EXPORT_FORMATS = ("diffusers", "single_file", "vae")
 
 
-def check_export(formats, dtype: str, stage: str) -> None:
+def check_export(formats, dtype: str, stage: str | None = None) -> None:
     """The export settings, checked before training starts (a typo must not cost the run): a ValueError that names
-    the setting and the choices."""
+    the setting and the choices; with `stage`, also that the run trains what the formats write."""
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"export.formats={tuple(formats)}: {unknown[0]!r} is not a format; choose from "
@@ -232,7 +234,7 @@ def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str 
     from sdjax import pretrained
     from sdjax.pipeline import StableDiffusion
 
-    check_export(formats, dtype, "autoencoder" if set(formats) == {"vae"} else "diffusion")
+    check_export(formats, dtype)
     np_dtype = _EXPORT_DTYPES[dtype]
     if np_dtype == "bfloat16":
         import ml_dtypes

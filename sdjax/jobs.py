@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from sdjax.cli import one_line
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageSlot:
@@ -123,8 +125,8 @@ def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir:
             continue
         path = Path(output_dir) / slot.filename()
         try:
-            with Image.open(path) as image:
-                text = image.text.get("parameters", "")
+            with Image.open(path) as image:  # info: the text chunks before the pixels (save_png writes it there);
+                text = image.info.get("parameters", "")  # `image.text` would decode every image of the job
         except (OSError, SyntaxError, ValueError) as e:
             return f"{path} is not a readable PNG ({one_line(e)}): delete it and run again to regenerate it"
         prompt, negative, fields = parse_parameters(text)
@@ -248,10 +250,6 @@ def _image_size(path: str, key: str) -> tuple[int, int]:
             return image.size
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a file it cannot read
         raise ConfigError(f"--config.{key}={path} is not an image PIL can read ({one_line(e)})") from None
-
-
-def one_line(e) -> str:
-    return " ".join(str(e).split())
 
 
 def load_model(config):

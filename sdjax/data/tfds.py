@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdjax.cli import one_line
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "reading or writing TFDS datasets needs TensorFlow Datasets: pip install 'sdjax[data]'"
@@ -81,7 +83,7 @@ class TFDSDataset:
             if data_dir and not (Path(data_dir) / name.split(":")[0]).is_dir():
                 raise ValueError(self._not_built(name, data_dir)) from None
             raise ValueError(f"TFDS dataset {name!r} has no random-access (ArrayRecord) files: rebuild it once with "
-                             f"`tfds build {name} --file_format=array_record` ({' '.join(str(e).split())})") from None
+                             f"`tfds build {name} --file_format=array_record` ({one_line(e)})") from None
         except (KeyError, ValueError) as e:  # a registered dataset that is not built here, or an unknown split
             where = data_dir or "the default TFDS data_dir"
             if isinstance(e, ValueError) and "split" not in str(e).lower():
@@ -89,7 +91,7 @@ class TFDSDataset:
             if "is empty" in str(e):
                 raise ValueError(self._not_built(name, data_dir)) from None
             raise ValueError(f"TFDS dataset {name!r} in {where} has no split {split!r} (data.tfds_split): "
-                             f"{' '.join(str(e).split())}") from None
+                             f"{one_line(e)}") from None
         self.name, self.image_key, self.caption_key, self.min_size = name, image_key, caption_key, int(min_size)
         self.skipped: list[tuple[int, str]] = []
         self._bad: set[int] = set()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdjax.weights.safetensors_io import read_safetensors, write_safetensors
+from sdjax.weights.safetensors_io import read_metadata, read_safetensors, write_safetensors
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 _LEGACY_BIN = {"model": "pytorch_model"}
@@ -36,8 +36,11 @@ def _not_a_torch_file(path: Path) -> str | None:
         head = f.read(64)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return None
-    if len(head) >= 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+    try:
+        read_metadata(path)  # its header parses: a safetensors file
         return "a .safetensors file with another suffix: rename it to .safetensors"
+    except ValueError:
+        pass
     if not head:
         return "an empty file"
     if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
