@@ -8,6 +8,17 @@
         --config.init_image=photo.png --config.strength=0.6                       # img2img
     python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompt="..." \
         --config.init_image=photo.png --config.mask_image=mask.png               # inpainting (white = repaint)
+    python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompt="a <cat-toy> backpack" \
+        --config.embeddings=EasyNegative.safetensors,cat-toy/ --config.negative_prompt=easynegative  # textual inversion
+    python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompt="..." \
+        --config.trajectory=5         # also <image>.trajectory.png: the image as predicted every 5 steps, then the image
+    python sample.py --config configs/sample.py --config.checkpoint=PATH --config.prompt="a castle" \
+        --config.lora=add_detail.safetensors:0.8,my-lora/                    # LoRAs (kohya / A1111 or diffusers)
+    python sample.py --config configs/sample.py --config.checkpoint=PATH --config.lora_dir=models/Lora \
+        --config.prompt="a castle <lora:add_detail:0.8>"                      # A1111's tags, files found in lora_dir
+
+Prompts take A1111's emphasis syntax ("a (red:1.3) fox", "[blurry]", BREAK) and any length (sdjax.prompts); the PNG
+records them as written.
 
 Any field below can be overridden with --config.FIELD=VALUE; an unknown field is an error.
 """
@@ -30,6 +41,15 @@ def get_config():
     c.guidance_scale = 7.5
     c.guidance_rescale = 0.0
     c.clip_skip = 0              # diffusers' clip_skip (A1111's "Clip skip" minus 1)
+    c.emphasis = "Original"      # A1111's "(word:1.3)" / "[word]" / BREAK: Original | No norm | Ignore | None (= text)
+    c.embeddings = ""            # textual inversion files (.pt / .bin / .safetensors), comma-separated; a prompt
+                                 # uses each by its file's name (sdjax.textual_inversion)
+    c.lora = ""                  # LoRA files (kohya / A1111 .safetensors, diffusers folders) as PATH[:SCALE],
+                                 # comma-separated: each becomes a <lora:NAME:SCALE> tag (NAME: its file's stem)
+                                 # added to every prompt (sdjax.lora)
+    c.lora_dir = ""              # where prompts' <lora:NAME:SCALE> tags find NAME.safetensors (any depth); prompts
+                                 # naming different LoRAs run in separate batches. PNGs keep the tags and
+                                 # record "Lora hashes" as A1111 does
     c.height = 0                 # 0 = the model's native size (512 for SD 1.x, 768 for SD 2.x)
     c.width = 0
     c.init_image = ""            # img2img / inpainting input
@@ -42,4 +62,7 @@ def get_config():
     c.dtype = "float32"          # compute dtype: float32 | bfloat16 | float16
     c.attention = "auto"         # auto | einsum | xla | cudnn
     c.output_dir = "outputs/samples"
+    c.trajectory = 0             # K >= 1: also write <image>.trajectory.png, the final image as predicted (x̂₀)
+                                 # at model calls 0, K, 2K, ... and the last, then the image itself, left to right
+    c.trajectory_decoder = "vae"  # the strip's frames: vae (the decoder) | approx (a linear map of the latents, ~free)
     return c

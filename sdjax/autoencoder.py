@@ -15,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sdjax import modelconfig
@@ -85,6 +86,42 @@ def from_latents(latents, latent_scaling: tuple[float, float]):
     """The diffusion model's latents -> the VAE's (what `AutoencoderKL.decode` takes): latents / scale + shift."""
     scale, shift = latent_scaling
     return latents / scale + shift
+
+
+# A cheap preview: RGB as a linear function of the diffusion model's latents, at latent resolution.
+# For SD 1.x / 2.x (one VAE): rows = latent channels, columns = R, G, B in [-1, 1]; the least-squares fit of
+# decoded colour on latents that Keturn published in 2022 ("Decoding latents to RGB without upscaling"), the
+# factors of A1111's "Approx cheap" live preview.
+SD_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def latent_rgb_map(vae) -> tuple[jax.Array, jax.Array]:
+    """(weights (C, 3), bias (3,)) of `approx_decode` for `vae`'s latent space.
+
+    SD's factors for the SD 1.x / 2.x latent space (4 channels, scaling_factor 0.18215, no shift). Any other VAE (one
+    trained here, other channel counts) gets a map fitted on itself: 8 mosaics of 16 random colours (each tile 4 x 4
+    latent pixels) encoded, and the least-squares fit of each latent pixel's colour on (its latents, 1), as SD's
+    factors were fitted on decoded images. (Flat-colour images would not do: GroupNorm takes their colour away.)
+    The fit runs wherever it is called (in the pipeline: inside its compiled program, one small encode)."""
+    cfg = vae.config
+    if cfg.latent_channels == 4 and cfg.scaling_factor == 0.18215 and not cfg.shift_factor:
+        return jnp.asarray(SD_LATENT_RGB, jnp.float32), jnp.zeros(3, jnp.float32)
+    tiles = np.random.default_rng(0).uniform(-1, 1, (8, 4, 4, 3)).astype(np.float32)
+    colours = tiles.repeat(4, axis=1).repeat(4, axis=2)                   # (8, 16, 16, 3): one per latent pixel
+    f = cfg.downsample_factor
+    images = colours.repeat(f, axis=1).repeat(f, axis=2)
+    mean, _ = vae.encode(jnp.asarray(images, vae.encoder.conv_in.kernel.dtype))
+    latents = to_latents(mean.astype(jnp.float32), cfg.latent_scaling).reshape(-1, cfg.latent_channels)
+    solution = jnp.linalg.lstsq(jnp.concatenate([latents, jnp.ones((len(latents), 1))], -1),
+                                jnp.asarray(colours.reshape(-1, 3)))[0]
+    return solution[:-1], solution[-1]
+
+
+def approx_decode(vae, latents):
+    """The diffusion model's latents (B, h, w, C) -> RGB (B, h, w, 3), roughly in [-1, 1], at latent resolution:
+    a linear map per pixel (`latent_rgb_map`) instead of the decoder, for previews."""
+    weights, bias = latent_rgb_map(vae)
+    return jnp.einsum("...c,cr->...r", latents.astype(jnp.float32), weights) + bias
 
 
 VARIANTS = {

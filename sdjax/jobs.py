@@ -3,11 +3,17 @@
 Every image has a global index (prompt i, copy j -> i * num_images_per_prompt + j) that fixes its file
 name and its noise (seed, index), so a re-run, another batch size or another device count writes the
 same files, and a killed job resumes where it stopped: `run(config)` skips slots whose file exists.
+With `--config.trajectory=K` each image also gets `<name>.trajectory.png` (written first, so an image on disk
+has its strip), and a slot is done when both exist: a re-run adds the strips an earlier job did not make.
+LoRAs (`job_loras`): --config.lora adds A1111's `<lora:NAME:SCALE>` tag to every prompt, --config.lora_dir holds
+the files tags name; every LoRA of the job is loaded once, and prompts with different tags run in separate batches
+with the scales theirs ask for (the others at 0), one compiled program for all. A PNG keeps its prompt's tags.
 With several processes, process 0 writes the files and decides what is left to do (`agreed_pending`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -30,6 +36,10 @@ class ImageSlot:
         slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:60] or "empty"
         return f"{self.index:05d}-{slug}.png"
 
+    def trajectory_filename(self) -> str:
+        """The denoising strip of the image (`--config.trajectory`): x̂₀ frames, then the image."""
+        return self.filename().removesuffix(".png") + ".trajectory.png"
+
 
 def read_prompts_file(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
@@ -49,13 +59,15 @@ def image_slots(prompts: list[str], *, negative_prompt: str = "", num_images_per
             for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
 
 
-def pending(slots: list[ImageSlot], output_dir: str | Path) -> list[ImageSlot]:
-    """The slots whose image file does not exist yet."""
+def pending(slots: list[ImageSlot], output_dir: str | Path, trajectory: bool = False) -> list[ImageSlot]:
+    """The slots whose image file does not exist yet (or, with `trajectory`, whose strip does not)."""
     output_dir = Path(output_dir)
-    return [s for s in slots if not (output_dir / s.filename()).exists()]
+    names = (lambda s: (s.filename(), s.trajectory_filename())) if trajectory else (lambda s: (s.filename(),))
+    return [s for s in slots if not all((output_dir / name).exists() for name in names(s))]
 
 
-def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dict | None = None) -> list[ImageSlot]:
+def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dict | None = None,
+                   trajectory: bool = False) -> list[ImageSlot]:
     """`pending` as process 0 sees it, on every process (only process 0 writes the files, and the processes
     must run the same batches: without a shared filesystem the others' folders would not tell what is done).
 
@@ -63,7 +75,7 @@ def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dic
     records others was made by another job, and every process stops with a ConfigError that names it."""
     import jax
 
-    todo = pending(slots, output_dir)
+    todo = pending(slots, output_dir, trajectory)
     conflict = settings_conflict(slots, todo, output_dir, settings) if settings and jax.process_index() == 0 else ""
     if jax.process_count() == 1:
         if conflict:
@@ -98,6 +110,8 @@ def known_settings(config) -> dict[str, str]:
         fields["Size"] = f"{config.width}x{config.height}"
     if config.clip_skip:
         fields["Clip skip"] = str(config.clip_skip + 1)
+    if config.get("emphasis", "Original") != "Original":
+        fields["Emphasis"] = config.emphasis
     return fields
 
 
@@ -106,10 +120,20 @@ def effective_guidance(guidance_scale: float) -> float:
     return max(float(guidance_scale), 1.0)
 
 
+# A field of the last line: "Key: value," or, holding a comma, a colon or a newline, "Key: \"json string\","
+_FIELD = re.compile(r'\s*(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _quoted(value) -> str:
+    """A field's value as A1111 writes it: JSON-quoted when it holds a comma, a colon or a newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
 def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     """(prompt, negative prompt, {field: value}) of an A1111 `parameters` text as a1111_parameters writes it."""
     lines = text.split("\n")
-    fields = dict(item.split(": ", 1) for item in lines[-1].split(", ") if ": " in item)
+    fields = {key: json.loads(value) if value.startswith('"') else value for key, value in _FIELD.findall(lines[-1])}
     negative = [line.removeprefix("Negative prompt: ") for line in lines[:-1] if line.startswith("Negative prompt: ")]
     prompt = "\n".join(line for line in lines[:-1] if not line.startswith("Negative prompt: "))
     return prompt, negative[0] if negative else "", fields
@@ -121,9 +145,9 @@ def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir:
     one line naming the first that does not, what differs, and the fix."""
     left = {s.index for s in todo}
     for slot in slots:
-        if slot.index in left:
-            continue
         path = Path(output_dir) / slot.filename()
+        if slot.index in left and not path.exists():  # an image pending for its trajectory strip alone is checked
+            continue
         try:
             with Image.open(path) as image:  # info: the text chunks before the pixels (save_png writes it there);
                 text = image.info.get("parameters", "")  # `image.text` would decode every image of the job
@@ -155,7 +179,7 @@ def a1111_parameters(slot: ImageSlot, *, steps: int, sampler: str, cfg_scale: fl
     if model:
         fields["Model"] = model
     fields.update(extra or {})
-    return text + "\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+    return text + "\n" + ", ".join(f"{k}: {_quoted(v)}" for k, v in fields.items())
 
 
 def save_png(image: np.ndarray, path: str | Path, parameters: str) -> None:
@@ -216,6 +240,23 @@ def _checked(config) -> None:
     for key in ("init_image", "mask_image"):
         if config[key] and not Path(config[key]).is_file():
             raise ConfigError(f"--config.{key}={config[key]} does not exist")
+    for path in embedding_paths(config):
+        if not Path(path).exists():
+            raise ConfigError(f"--config.embeddings: {path} does not exist; give textual inversion files (.pt, .bin "
+                              "or .safetensors), comma-separated")
+    for path, _ in lora_settings(config):
+        if not Path(path).exists():
+            raise ConfigError(f"--config.lora: {path} does not exist; give LoRA files (.safetensors, or diffusers "
+                              "folders) as PATH or PATH:SCALE, comma-separated")
+    if config.get("lora_dir") and not Path(config.lora_dir).is_dir():
+        raise ConfigError(f"--config.lora_dir={config.lora_dir} is not a folder; give the folder of the LoRA files "
+                          "that prompts name with <lora:NAME:SCALE>")
+    if config.get("trajectory", 0) < 0:
+        raise ConfigError(f"--config.trajectory={config.trajectory}: use 0 (no strip) or K >= 1 (a frame every K "
+                          "model calls)")
+    if config.get("trajectory_decoder", "vae") not in ("vae", "approx"):
+        raise ConfigError(f"--config.trajectory_decoder={config.trajectory_decoder!r}: use 'vae' (the decoder) or "
+                          "'approx' (a linear map of the latents: near free, blurry)")
     if config.dtype not in _DTYPES:
         raise ConfigError(f"--config.dtype={config.dtype!r}: use one of {', '.join(_DTYPES)}")
     if config.steps < 1 or config.num_images_per_prompt < 1 or config.batch_size < 1:
@@ -230,6 +271,11 @@ def _checked(config) -> None:
         raise ConfigError(f"--config.guidance_scale={config.guidance_scale}: use 0 or more (up to 1: no guidance)")
     if config.clip_skip < 0:
         raise ConfigError(f"--config.clip_skip={config.clip_skip}: use 0 (the last layer) or more")
+    from sdjax.prompts import EMPHASIS
+
+    if config.get("emphasis", "Original") not in EMPHASIS:
+        raise ConfigError(f"--config.emphasis={config.emphasis!r}: use one of {', '.join(map(repr, EMPHASIS))} "
+                          "(A1111's modes; 'None' reads brackets as text)")
     sizes = {key: _image_size(config[key], key) for key in ("init_image", "mask_image") if config[key]}
     if len(sizes) == 2 and sizes["init_image"] != sizes["mask_image"]:
         raise ConfigError("--config.mask_image is {}x{}, --config.init_image {}x{}: give a mask of the image's "
@@ -252,8 +298,95 @@ def _image_size(path: str, key: str) -> tuple[int, int]:
         raise ConfigError(f"--config.{key}={path} is not an image PIL can read ({one_line(e)})") from None
 
 
+def embedding_paths(config) -> list[str]:
+    """The textual inversion files of --config.embeddings=PATH,PATH2 (empty entries ignored)."""
+    return [p.strip() for p in config.get("embeddings", "").split(",") if p.strip()]
+
+
+def lora_settings(config) -> list[tuple[str, float]]:
+    """[(file, scale)] of --config.lora=PATH[:SCALE],PATH2[:SCALE2] (scale 1 when not given)."""
+    from sdjax.lora import parse_lora_setting
+
+    return parse_lora_setting(config.get("lora", ""))
+
+
+def job_loras(config, prompts: list[str]) -> tuple[list[str], dict[str, Path]]:
+    """(the job's prompts as it records them, {LoRA name: file}), as A1111 writes and reads LoRAs: each
+    --config.lora file is added to every prompt as a tag `<lora:NAME:SCALE>` (NAME: its file's stem), and each tag a
+    prompt holds names a --config.lora file or NAME.safetensors (.pt, ...) under --config.lora_dir. Prompts whose
+    tags differ run in separate batches (`lora_groups`). Any missing file stops the job here, before the model."""
+    from sdjax import lora
+
+    given = {}
+    for path, scale in lora_settings(config):
+        name = lora.default_name(path)
+        if name in given:
+            raise ConfigError(f"--config.lora: two files are named {name!r} (a LoRA is named after its file's stem, "
+                              "a diffusers folder after the folder): rename one")
+        given[name] = (Path(path), scale)
+    tags = "".join(f" {lora.PromptLoRA(name, scale, scale).tag()}" for name, (_, scale) in given.items())
+    files = {name: path for name, (path, _) in given.items()}
+    out = []
+    for prompt in prompts:
+        try:
+            named = lora.prompt_loras(prompt)[1]
+        except ValueError as e:
+            raise ConfigError(f"prompt {prompt!r}: {e}") from None
+        for tag in named:
+            if tag.name in given:
+                raise ConfigError(f"prompt {prompt!r} has a tag for LoRA {tag.name!r}, which --config.lora adds to "
+                                  "every prompt: drop one of the two")
+            if tag.name in files:
+                continue
+            if not config.get("lora_dir"):
+                raise ConfigError(f"prompt {prompt!r} names LoRA {tag.name!r}: set --config.lora_dir=FOLDER to the "
+                                  f"folder that holds {tag.name}.safetensors, or give the file in --config.lora")
+            try:
+                files[tag.name] = lora.find_lora(tag.name, config.lora_dir)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"prompt {prompt!r}: {e}: put it there (--config.lora_dir) or give the file in "
+                                  "--config.lora") from None
+        out.append(prompt + tags)
+    return out, files
+
+
+def lora_groups(slots: list[ImageSlot]) -> dict[tuple, list[ImageSlot]]:
+    """The slots by the LoRAs and strengths their prompts' tags name (a batch runs at one setting of the scales)."""
+    from sdjax.lora import prompt_loras
+
+    groups = {}
+    for slot in slots:
+        key = tuple(sorted(prompt_loras(slot.prompt)[1], key=lambda tag: tag.name))
+        groups.setdefault(key, []).append(slot)
+    return groups
+
+
 def load_model(config):
-    """The StableDiffusion a sampling config names: a checkpoint, or a random `variant` (demos, benchmarks)."""
+    """The StableDiffusion a sampling config names: a checkpoint, or a random `variant` (demos, benchmarks), with
+    the config's textual inversion embeddings added (read before the model, so a bad file stops the job at once)."""
+    from sdjax import textual_inversion
+
+    embeddings = []
+    for path in embedding_paths(config):
+        try:
+            embeddings.append(textual_inversion.read_embedding(path))
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise ConfigError(f"--config.embeddings: {one_line(e)}") from None
+    names = [e.name.lower() for e in embeddings]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--config.embeddings: two files give the name {twice[0]!r} (a file's name is its stem, or "
+                          "a diffusers file's token): rename one")
+    pipe = _load_model(config)
+    for embedding in embeddings:
+        try:
+            textual_inversion.add_embedding(pipe.tokenizer, pipe.text_encoder, embedding)
+        except ValueError as e:
+            raise ConfigError(f"--config.embeddings: {one_line(e)}") from None
+    return pipe
+
+
+def _load_model(config):
     import jax.numpy as jnp
 
     from sdjax import pipeline, pretrained, tokenizer, variants
@@ -274,6 +407,18 @@ def load_model(config):
                                     dict(variant.scheduler))
 
 
+def _add_loras(pipe, files: dict[str, Path]) -> dict[str, str]:
+    """Attach the job's LoRAs (`job_loras`), off until a batch sets its scales; {name: the hash A1111 records}."""
+    from sdjax import lora
+
+    for name, path in files.items():
+        try:
+            lora.load_lora(pipe, path, name=name, scale=0.0)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"LoRA {name!r} ({path}): {one_line(e)}") from None
+    return {name: lora.lora_hash(path) for name, path in files.items()}
+
+
 def _make_mesh(config):
     import jax
 
@@ -290,6 +435,8 @@ def run(config) -> Path:
     from tqdm import tqdm
 
     from sdjax import pipeline, schedulers
+    from sdjax.lora import PromptLoRA, prompt_loras
+    from sdjax.prompts import count_chunks
 
     _checked(config)
     if config.sampler:
@@ -301,11 +448,16 @@ def run(config) -> Path:
         prompts = [config.prompt] if config.prompt else read_prompts_file(config.prompts_file)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"--config.prompts_file: {e}") from None
+    prompts, lora_files = job_loras(config, prompts)  # each prompt with its <lora:NAME:SCALE> tags, as recorded
+    texts = {prompt: prompt_loras(prompt)[0] for prompt in prompts}  # what the text encoder reads: no tags
     out_dir = Path(config.output_dir)
     slots = image_slots(prompts, negative_prompt=config.negative_prompt,
                         num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
-    todo = agreed_pending(slots, out_dir, known_settings(config))  # before the model: a wrong job stops at once
+    trajectory = config.get("trajectory", 0)
+    # before the model: a wrong job stops at once
+    todo = agreed_pending(slots, out_dir, known_settings(config), trajectory=bool(trajectory))
     pipe = load_model(config)
+    lora_hashes = _add_loras(pipe, lora_files)
     layers = pipe.text_encoder.config.num_hidden_layers
     if config.clip_skip >= layers:
         raise ConfigError(f"--config.clip_skip={config.clip_skip}: this text encoder has {layers} layers; use 0 to "
@@ -316,9 +468,19 @@ def run(config) -> Path:
     mesh = _make_mesh(config)
     per_batch = -(-min(config.batch_size, max(len(todo), 1)) // mesh.size) * mesh.size  # a multiple of the devices
     sampler = config.sampler or pipe.scheduler_config.get("_class_name", "default")
+    emphasis = config.get("emphasis", "Original")
+    # every batch gets the job's chunk count: one program, and an image does not depend on its batch mates
+    try:
+        chunks = count_chunks(pipe.tokenizer, [*texts.values(), config.negative_prompt], emphasis=emphasis)
+    except ValueError as e:
+        raise ConfigError(f"--config.prompt / prompts_file / negative_prompt: {e}") from None
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                   guidance_rescale=config.guidance_rescale, sampler=config.sampler or None, height=height,
-                  width=width, clip_skip=config.clip_skip, mesh=mesh, batch_invariant=config.batch_invariant)
+                  width=width, clip_skip=config.clip_skip, mesh=mesh, batch_invariant=config.batch_invariant,
+                  emphasis=emphasis, min_chunks=chunks)
+    if trajectory:
+        kwargs.update(trajectory_every=trajectory, trajectory_decoder=config.get("trajectory_decoder", "vae"))
+    extra_fields = {key: value for key, value in known_settings(config).items() if key in ("Clip skip", "Emphasis")}
     init = {}
     if config.init_image:
         init["init_images"] = [Image.open(config.init_image)] * per_batch
@@ -328,25 +490,37 @@ def run(config) -> Path:
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     log(f"{len(slots)} images ({len(slots) - len(todo)} already in {out_dir}), batches of {per_batch} on "
         f"{mesh.size} device(s), {config.steps} steps of {sampler}, {width}x{height}")
+    if lora_files:
+        log("LoRAs: " + ", ".join(f"{name} ({path})" for name, path in lora_files.items()))
     bar = tqdm(total=len(todo), unit="img", disable=jax.process_index() != 0 or not todo)
-    for k, batch in enumerate(batches(todo, per_batch)):
+    job = [(tags, batch) for tags, group in lora_groups(todo).items() for batch in batches(group, per_batch)]
+    for k, (tags, batch) in enumerate(job):
         start = time.perf_counter()
         if k == 0:
             bar.set_description("compiling + first batch")
+        for name in lora_files:  # the strengths this batch's prompts name; any other LoRA is off (0: no recompiling)
+            tag = next((t for t in tags if t.name == name), PromptLoRA(name, 0.0, 0.0))
+            pipe.set_lora_scale(name, tag.unet_scale, text_encoder_scale=tag.text_encoder_scale)
+        lora_fields = {"Lora hashes": ", ".join(f"{t.name}: {lora_hashes[t.name]}" for t in tags)} if tags else {}
         n = len(batch)
         batch = batch + [batch[-1]] * (per_batch - n)  # a fixed batch shape: compiled once
         extra = {key: value[:per_batch] for key, value in init.items() if key != "strength"}
         images = pipeline.generate(
-            pipe, [s.prompt for s in batch], negative_prompts=[s.negative_prompt for s in batch],
+            pipe, [texts[s.prompt] for s in batch], negative_prompts=[s.negative_prompt for s in batch],
             seeds=[s.seed for s in batch], indices=[s.index for s in batch],
             **({"strength": init["strength"]} if init else {}), **extra, **kwargs)
+        images, strips = images if trajectory else (images, [None] * len(images))
         if jax.process_index() == 0:
-            for slot, image in zip(batch[:n], images):
+            for slot, image, frames in zip(batch[:n], images, strips):
                 params = a1111_parameters(slot, steps=config.steps, sampler=sampler,
                                           cfg_scale=effective_guidance(config.guidance_scale), width=width,
                                           height=height, model=Path(config.checkpoint or config.variant).name,
-                                          extra={"Clip skip": config.clip_skip + 1} if config.clip_skip else None)
-                save_png(image, out_dir / slot.filename(), params)
+                                          extra={**extra_fields, **lora_fields})
+                if frames is not None:  # first: an image on disk has its strip
+                    save_png(grid([*frames, image], columns=len(frames) + 1), out_dir / slot.trajectory_filename(),
+                             params)
+                if not (out_dir / slot.filename()).exists():  # pending for its strip alone: keep the image
+                    save_png(image, out_dir / slot.filename(), params)
         bar.set_description(f"batch {k + 1}: {time.perf_counter() - start:.1f}s")
         bar.update(n)
     bar.close()

@@ -4,6 +4,8 @@ Owned by the UNet engineer; names mirror diffusers `models/resnet.py`, `downsamp
 `upsampling.py`, `attention_processor.py` exactly (ResnetBlock2D.{norm1,conv1,time_emb_proj,norm2,conv2,
 conv_shortcut}, Downsample2D.conv, Upsample2D.conv, Attention.{group_norm,to_q,to_k,to_v,to_out.0}),
 so `sdjax.weights.torch_names` maps them to diffusers keys.
+Every Linear and Conv (`linear`, `conv`) can carry named low-rank adapters (`LoRA`; `sdjax.lora` loads, fuses and
+saves them); without any they are flax's nnx.Linear / nnx.Conv, with the same parameter paths.
 Norms run in fp32 (like PyTorch autocast) and cast back to the compute dtype.
 """
 from __future__ import annotations
@@ -27,20 +29,162 @@ def activation(name: str):
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: int | str = "SAME",
-         dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Conv:
+         dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, use_bias: bool = True) -> "Conv":
     """nn.Conv2d equivalent: `padding` is an int (symmetric, like PyTorch) or an XLA padding string."""
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=padding,
-                    use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=initializers.LECUN_NORMAL,
-                    bias_init=initializers.ZEROS, rngs=rngs)
+    return Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=padding,
+                use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=initializers.LECUN_NORMAL,
+                bias_init=initializers.ZEROS, rngs=rngs)
 
 
 def linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
-           param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+           param_dtype=jnp.float32, rngs: nnx.Rngs) -> "Linear":
     """nn.Linear equivalent (flax's default initializers, named so that a model can be planned: sdjax.initializers)."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=initializers.LECUN_NORMAL, bias_init=initializers.ZEROS, rngs=rngs)
+    return Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=initializers.LECUN_NORMAL, bias_init=initializers.ZEROS, rngs=rngs)
+
+
+class LoRAScale(nnx.Variable):
+    """An adapter's strength, a float32 scalar: a value the compiled program reads (setting it never recompiles).
+    Not an nnx.Param: nothing trains it."""
+
+
+class UnfusedKernel(nnx.Variable):
+    """A layer's kernel from before `fuse_lora`, kept as it was: `unfuse_lora` puts this very array back."""
+
+
+class LoRA(nnx.Module):
+    """One low-rank adapter of one layer: x -> scale * (alpha / rank) * up(down(x)), added to the layer's output.
+
+    Linear: down (in, rank), up (rank, out). Conv (kohya's LoCon): down is a conv with the base's kernel size, stride
+    and padding, (kh, kw, in, rank), and up a 1x1 conv, (1, 1, rank, out). Both are `nnx.LoRAParam`s, so a trainer
+    selects exactly the adapters with that filter, and `sdjax.weights.torch_names` leaves them out of the base
+    weights. `alpha` is fixed with the weights (kohya and PEFT files store it); `scale` is the user's strength.
+    `dropout` is PEFT's lora_dropout: while a trainer sets `dropout_key` (a key per adapter, inside its step), the
+    adapter's input is dropped with that probability; with no key (sampling, export) it is never applied.
+    """
+
+    def __init__(self, down, up, *, alpha: float, scale: float = 1.0, dropout: float = 0.0):
+        self.down = nnx.LoRAParam(down)
+        self.up = nnx.LoRAParam(up)
+        self.alpha = float(alpha)
+        self.scale = LoRAScale(jnp.asarray(scale, jnp.float32))
+        self.dropout = float(dropout)
+        self.dropout_key = nnx.data(None)
+
+    def dropped(self, x):
+        """x with the adapter's dropout applied (inverted scaling, as torch.nn.Dropout), when a key is set."""
+        if self.dropout_key is None or self.dropout <= 0:
+            return x
+        keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[-1]
+
+    def kernel_delta(self):
+        """What fusing adds to the base kernel (its shape, float32): scale * alpha / rank * down . up."""
+        down, up = self.down.get_value(), self.up.get_value()
+        delta = jnp.tensordot(down.astype(jnp.float32), up.reshape(self.rank, -1).astype(jnp.float32), axes=1,
+                              precision=jax.lax.Precision.HIGHEST)
+        return delta * (self.scale.get_value() * (self.alpha / self.rank))
+
+
+class _Adaptable:
+    """What Linear and Conv share: named adapters in `self.lora` (an nnx.Dict, None without any), added to the
+    output unless they are fused into the kernel (then `self.unfused_kernel` holds the kernel as it was)."""
+
+    def _init_adapters(self):
+        self.lora = nnx.data(None)
+        self.unfused_kernel = nnx.data(None)
+
+    def _with_adapters(self, x, y):
+        if self.lora is None or self.unfused_kernel is not None:
+            return y
+        for adapter in self.lora.values():
+            h = self._down(adapter.dropped(x.astype(y.dtype)), adapter.down[...].astype(y.dtype))
+            up = adapter.up[...]
+            h = jnp.matmul(h, up.reshape(up.shape[-2], up.shape[-1]).astype(y.dtype))
+            y = y + (adapter.scale[...] * (adapter.alpha / adapter.rank)).astype(y.dtype) * h
+        return y
+
+    def add_lora(self, name: str, adapter: LoRA) -> None:
+        if self.unfused_kernel is not None:
+            raise ValueError("adapters are fused into this layer: unfuse them before adding another")
+        shapes = self.lora_shapes(adapter.rank)
+        got = (tuple(adapter.down.shape), tuple(adapter.up.shape))
+        if got != shapes:
+            raise ValueError(f"adapter {name!r}: down/up shapes {got[0]} / {got[1]}, this layer needs "
+                             f"{shapes[0]} / {shapes[1]}")
+        if self.lora is None:
+            self.lora = nnx.Dict()
+        if name in self.lora:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
+        self.lora[name] = adapter
+
+    def remove_lora(self, name: str) -> None:
+        if self.unfused_kernel is not None:
+            raise ValueError("adapters are fused into this layer: unfuse them before removing one")
+        del self.lora[name]
+        if not len(self.lora):
+            self.lora = None  # the layer's graph is again the plain layer's: programs compiled without adapters fit
+
+    def fuse_lora(self) -> None:
+        """Merge every adapter (at its current scale) into the kernel; the kernel as it was is kept for unfuse."""
+        if self.lora is None or self.unfused_kernel is not None:
+            return
+        kernel = self.kernel.get_value()
+        fused = kernel.astype(jnp.float32)
+        for adapter in self.lora.values():
+            fused = fused + adapter.kernel_delta()
+        self.unfused_kernel = UnfusedKernel(kernel)
+        self.kernel.set_value(fused.astype(kernel.dtype))
+
+    def unfuse_lora(self) -> None:
+        """The kernel from before `fuse_lora`, bit for bit (the kept array, not a subtraction)."""
+        if self.unfused_kernel is None:
+            return
+        self.kernel.set_value(self.unfused_kernel.get_value())
+        self.unfused_kernel = None
+
+
+class Linear(_Adaptable, nnx.Linear):
+    """nnx.Linear that can carry low-rank adapters (`LoRA`, named, any number; see sdjax.lora)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_adapters()
+
+    def __call__(self, x):
+        return self._with_adapters(x, super().__call__(x))
+
+    def _down(self, x, down):
+        return jnp.matmul(x, down)
+
+    def lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of an adapter's (down, up) of this rank on this layer."""
+        return (self.in_features, rank), (rank, self.out_features)
+
+
+class Conv(_Adaptable, nnx.Conv):
+    """nnx.Conv (2-D, NHWC) that can carry low-rank adapters (`LoRA`: a conv down, a 1x1 conv up; see sdjax.lora)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_adapters()
+
+    def __call__(self, x):
+        return self._with_adapters(x, super().__call__(x))
+
+    def _down(self, x, down):
+        return jax.lax.conv_general_dilated(x, down, self.strides, self.padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of an adapter's (down, up) of this rank on this layer."""
+        return (*self.kernel_size, self.in_features, rank), (1, 1, rank, self.out_features)
 
 
 def embed(num_embeddings: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,

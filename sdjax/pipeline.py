@@ -10,6 +10,11 @@ Text encoding, the denoising loop (`sdjax.sampling.sample_loop`) and the VAE dec
 call starts from noise drawn from `fold_in(key(seed), index_k)` (index_k = k unless `indices` are given),
 and the loop runs per image under `vmap`, so an image does not depend on the batch it is in, nor on
 the number of devices the batch is split over (`mesh`: a `jax.sharding.Mesh` with a "data" axis).
+
+Prompts take A1111's emphasis syntax, "(word)", "[word]", "(word:1.5)", BREAK, and any length: 75 tokens per
+77-token chunk of context (`sdjax.prompts`). The prompts of a call share one chunk count, the most any needs (a
+shorter prompt gets empty chunks, which change its image a little): for images independent of their batch mates,
+pass `min_chunks` covering all prompts (sample.py does, per job) or prompts of one chunk count.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdjax import sampling, schedulers
-from sdjax.autoencoder import from_latents, to_latents
+from sdjax.autoencoder import approx_decode, from_latents, to_latents
+from sdjax.prompts import encode_prompts, tokenize_prompts
 
 
 @dataclasses.dataclass
@@ -73,6 +79,41 @@ class StableDiffusion:
         return generate(self, prompts, init_images=_as_images(images, "images", count),
                         masks=_as_images(masks, "masks", count), strength=strength, **kwargs)
 
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Add a textual inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds); returns the name
+        prompts use for it. See `sdjax.textual_inversion`."""
+        from sdjax import textual_inversion
+
+        return textual_inversion.load_textual_inversion(self, path, token)
+
+    # LoRA (sdjax.lora): several adapters at once, each at its scale; a new scale does not recompile.
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None,
+                  text_encoder_scale: float | None = None) -> str:
+        """Attach a LoRA file (diffusers / PEFT or kohya / A1111); returns its name."""
+        from sdjax import lora
+
+        return lora.load_lora(self, path, scale=scale, name=name, text_encoder_scale=text_encoder_scale)
+
+    def set_lora_scale(self, name: str, scale: float, text_encoder_scale: float | None = None) -> None:
+        from sdjax import lora
+
+        lora.set_lora_scale(self, name, scale, text_encoder_scale)
+
+    def fuse_lora(self) -> None:
+        from sdjax import lora
+
+        lora.fuse_lora(self)
+
+    def unfuse_lora(self) -> None:
+        from sdjax import lora
+
+        lora.unfuse_lora(self)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        from sdjax import lora
+
+        lora.unload_lora(self, name)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
@@ -87,6 +128,9 @@ class _Static:
     mode: str  # "text2img" | "img2img" | "inpaint"
     batch_invariant: bool  # one image at a time (lax.map): bit-identical whatever the batch / device count
     output_type: str  # "uint8": decoded images; "latent": the final latents, not decoded
+    normalize_emphasis: bool  # A1111's emphasis keeps each chunk's mean (False: "No norm")
+    trajectory_every: int = 0  # also return x̂₀ of model calls 0, k, 2k, ... and the last; 0: not
+    trajectory_decoder: str = "vae"  # "vae" | "approx" | "latent"
 
 
 def _hashable(value):
@@ -121,26 +165,29 @@ def initial_noise(seeds, indices, shape):
     return noise, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
 
 
-def _denoise(graphdef, state, ids, neg_ids, seeds, indices, images, masks, guidance_scale, guidance_rescale, *,
-             static: _Static):
+def _denoise(graphdef, state, ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, guidance_scale,
+             guidance_rescale, *, static: _Static):
     modules = nnx.merge(graphdef, state)
-    batch = (ids, neg_ids, seeds, indices, images, masks)
+    batch = (ids, neg_ids, weights, neg_weights, seeds, indices, images, masks)
     if not static.batch_invariant:
         return _denoise_batch(modules, *batch, guidance_scale, guidance_rescale, static=static)
-    return jax.lax.map(lambda item: _denoise_batch(modules, *(a[None] for a in item), guidance_scale,
-                                                   guidance_rescale, static=static)[0], batch)
+    return jax.lax.map(lambda item: jax.tree.map(lambda a: a[0], _denoise_batch(
+        modules, *(a[None] for a in item), guidance_scale, guidance_rescale, static=static)), batch)
 
 
-def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidance_scale, guidance_rescale, *,
-                   static: _Static):
+def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, guidance_scale,
+                   guidance_rescale, *, static: _Static):
     text_encoder, unet, vae = modules
     scaling = vae.config.latent_scaling
     f = vae.config.downsample_factor
     h, w = static.height // f, static.width // f
     scheduler_config = _unhashable(static.scheduler)
 
-    context = text_encoder(ids, clip_skip=static.clip_skip)
-    uncond = text_encoder(neg_ids, clip_skip=static.clip_skip) if static.guidance else context
+    # ids, weights: (B, chunks, 77) -> context (B, 77 chunks, D) (sdjax.prompts)
+    encode = functools.partial(encode_prompts, text_encoder, clip_skip=static.clip_skip,
+                               normalize=static.normalize_emphasis)
+    context = encode(ids, weights)
+    uncond = encode(neg_ids, neg_weights) if static.guidance else context
     noise, loop_rngs = initial_noise(seeds, indices, (h, w, vae.config.latent_channels))
 
     B = ids.shape[0]
@@ -171,15 +218,33 @@ def _denoise_batch(modules, ids, neg_ids, seeds, indices, images, masks, guidanc
             extra.update(init_latents=image_latents_i[None], strength=static.strength)
         if static.mode == "inpaint" and unet.config.in_channels == 4:
             extra.update(inpaint_latents=image_latents_i[None], inpaint_mask=mask_i[None])
+        if static.trajectory_every:   # then (latents, x̂₀ of the kept calls (F, 1, h, w, C))
+            extra.update(return_predictions=True, predictions_every=static.trajectory_every)
         latents = sampling.sample_loop(model_fn, noise_i[None], scheduler_config, static.num_inference_steps,
                                        rng_i, **extra)
-        return latents[0]
+        return jax.tree.map(lambda a: a[..., 0, :, :, :], latents)   # drop the batch axis of 1
 
     latents = jax.vmap(one_image)(noise, loop_rngs, context, uncond, image_latents, mask_latent, masked_latents)
-    if static.output_type == "latent":
-        return latents
-    decoded = vae.decode(from_latents(latents, scaling).astype(vae.decoder.conv_in.kernel.dtype)).astype(jnp.float32)
-    return jnp.round(jnp.clip(decoded / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+    latents, x0s = latents if static.trajectory_every else (latents, None)
+    images = latents if static.output_type == "latent" else _decode(vae, latents)
+    if not static.trajectory_every:
+        return images
+    if static.trajectory_decoder == "approx":
+        return images, _to_uint8(approx_decode(vae, x0s))
+    if static.trajectory_decoder == "vae":   # one batch at a time, as the images: no more memory than they take
+        x0s = jnp.swapaxes(jax.lax.map(functools.partial(_decode, vae), jnp.swapaxes(x0s, 0, 1)), 0, 1)
+    return images, x0s
+
+
+def _decode(vae, latents):
+    """The diffusion model's latents (B, h, w, C) -> uint8 images (B, H, W, 3)."""
+    z = from_latents(latents, vae.config.latent_scaling).astype(vae.decoder.conv_in.kernel.dtype)
+    return _to_uint8(vae.decode(z).astype(jnp.float32))
+
+
+def _to_uint8(images):
+    """Images in [-1, 1] -> uint8."""
+    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
 _denoise_jit = jax.jit(_denoise, static_argnames=("graphdef", "static"))
@@ -270,7 +335,8 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
              sampler: str | None = None, scheduler_overrides: dict | None = None, height: int | None = None,
              width: int | None = None, clip_skip: int = 0, init_images=None, masks=None, strength: float = 1.0,
              mesh: jax.sharding.Mesh | None = None, batch_invariant: bool = False,
-             output_type: str = "uint8") -> np.ndarray:
+             output_type: str = "uint8", emphasis: str = "Original", min_chunks: int = 1, trajectory_every: int = 0,
+             trajectory_decoder: str = "vae") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """uint8 images (B, height, width, 3) for `prompts`, one per prompt (or their latents: `output_type`).
 
     sampler: a scheduler name ("DPM++ 2M Karras", "Euler a", "DDIM", ...; default: the checkpoint's own).
@@ -281,6 +347,18 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     of devices (the default batched program can differ by float rounding: rarely, 1/255 on a pixel).
     output_type: "uint8" (images), or "latent": the final latents (float32 (B, height/f, width/f, C), in the
     diffusion model's scaling, as diffusers' output_type="latent"), not decoded.
+    emphasis: A1111's prompt emphasis, "(word)", "[word]", "(word:1.5)", BREAK (`sdjax.prompts`): "Original", "No
+    norm", "Ignore" or "None" (brackets are text). Prompts of any length: every 75 tokens are one more 77-token
+    chunk of context; each prompt and negative prompt of the call is padded with empty chunks to the most any
+    needs (at least `min_chunks`), so a short prompt next to a long one gets a slightly different image than
+    alone. One compiled program per chunk count.
+    trajectory_every: k > 0 returns (images, trajectory): what the model predicts the final image to be (x̂₀,
+    diffusers' `pred_original_sample`) at model calls 0, k, 2k, ... and the last (`sampling.kept_predictions`;
+    a call is a step for every sampler but Heun and PNDM), gathered inside the same loop (the images are the
+    same), only the kept ones held in memory. trajectory: (B, frames, height, width, 3) uint8, decoded as
+    `trajectory_decoder` says: "vae" (the VAE decoder, one frame of the batch at a time), "approx" (a linear map
+    of the latents, `sdjax.autoencoder.approx_decode`, upscaled from latent resolution by repeating pixels:
+    almost free, blurry colours), or "latent": the x̂₀ latents themselves, float32 (B, frames, h, w, C).
     """
     prompts = _as_list(prompts)
     B = len(prompts)
@@ -304,6 +382,11 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         raise ValueError("this is an inpainting UNet (9 input channels): give images and masks (pipe.inpaint)")
     if output_type not in ("uint8", "latent"):
         raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
+    if not (isinstance(trajectory_every, (int, np.integer)) and trajectory_every >= 0):
+        raise ValueError(f"trajectory_every={trajectory_every!r}: give a whole number of model calls, 0 for no "
+                         "trajectory")
+    if trajectory_decoder not in ("vae", "approx", "latent"):
+        raise ValueError(f"trajectory_decoder must be 'vae', 'approx' or 'latent', got {trajectory_decoder!r}")
     if not guidance_scale >= 0:
         raise ValueError(f"guidance_scale={guidance_scale}: use 0 or more (up to 1: no guidance, the prompt alone)")
     layers = pipe.text_encoder.config.num_hidden_layers
@@ -319,8 +402,11 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
                                  "then resized to the output size)".format(k, *_image_size(mask), *_image_size(image)))
     mode = "text2img" if init_images is None else ("img2img" if masks is None else "inpaint")
     scheduler_config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler, **(scheduler_overrides or {}))
+    ids, weights = tokenize_prompts(pipe.tokenizer, prompts + negative, emphasis=emphasis, min_chunks=min_chunks)
     static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
-                     int(clip_skip), float(strength), mode, bool(batch_invariant), output_type)
+                     int(clip_skip), float(strength), mode, bool(batch_invariant), output_type,
+                     emphasis != "No norm", trajectory_every=int(trajectory_every),
+                     trajectory_decoder=trajectory_decoder)
 
     seeds = np.full(B, seed, np.uint32) if seeds is None else np.asarray(seeds, np.uint32)
     indices = np.arange(B, dtype=np.int32) if indices is None else np.asarray(indices, np.int32)
@@ -330,7 +416,7 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         images = load_images(init_images, height, width)
     if masks is not None:
         mask_arr = load_masks(masks, height, width)
-    batch = [pipe.tokenizer(prompts), pipe.tokenizer(negative), seeds, indices, images, mask_arr]
+    batch = [ids[:B], ids[B:], weights[:B], weights[B:], seeds, indices, images, mask_arr]
 
     graphdef, state = nnx.split((pipe.text_encoder, pipe.unet, pipe.vae))
     n = 1
@@ -344,11 +430,16 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         batch = [_put(a, NamedSharding(mesh, P("data"))) for a in batch]
         state = jax.tree.map(lambda x: _put(x, NamedSharding(mesh, P())), state)
     out = _run(graphdef, (state, *batch, jnp.float32(guidance_scale), jnp.float32(guidance_rescale)), static)
-    if not out.is_fully_addressable:  # several processes: every one gets the whole batch
+    if not all(a.is_fully_addressable for a in jax.tree.leaves(out)):  # several processes: each gets the batch
         from jax.experimental import multihost_utils
 
         out = multihost_utils.process_allgather(out, tiled=True)
-    return np.asarray(out)[:B]
+    if not trajectory_every:
+        return np.asarray(out)[:B]
+    images, trajectory = (np.asarray(a)[:B] for a in out)
+    if trajectory_decoder == "approx":   # latent resolution -> the images' (nearest neighbour)
+        trajectory = trajectory.repeat(f, axis=2).repeat(f, axis=3)
+    return images, trajectory
 
 
 _programs: dict = {}  # multi-process: the compiled programs, by everything that shapes them

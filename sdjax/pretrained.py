@@ -168,7 +168,11 @@ def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> S
     return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
 
 
-def _state_dicts(pipe: StableDiffusion, dtype):
+def _state_dicts(pipe: StableDiffusion, dtype, what):
+    from sdjax import lora
+
+    lora.check_base_export(pipe, what)  # fused adapters are saved as part of the weights; unfused ones refused
+
     def cast(sd):
         return {k: v.astype(dtype) for k, v in sd.items()} if dtype is not None else sd
     # text_model.*: the key layout of every released SD text encoder (transformers 4 and 5 both load it)
@@ -179,11 +183,14 @@ def _state_dicts(pipe: StableDiffusion, dtype):
 def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=None) -> Path:
     """Write `pipe` as a diffusers folder that diffusers' `StableDiffusionPipeline.from_pretrained` loads.
 
+    Textual inversion tokens go with it: the tokenizer folder lists them (added_tokens.json) and the text encoder
+    has their rows (a larger vocab_size), as a diffusers pipeline after `load_textual_inversion` saves itself.
+
     dtype: numpy dtype for the stored weights (default: the parameters' own dtype).
     """
     folder = Path(folder)
+    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype, folder)  # before mkdir: a refused save leaves nothing
     folder.mkdir(parents=True, exist_ok=True)
-    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype)
     df.write_weights(unet_sd, folder / "unet", df.WEIGHT_NAMES["unet"])
     df.write_json(pipe.unet.config.to_diffusers(), folder / "unet" / "config.json")
     df.write_weights(vae_sd, folder / "vae", df.WEIGHT_NAMES["vae"])
@@ -219,8 +226,13 @@ def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=No
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: save_single_file writes .safetensors only (pickled .ckpt is unsafe to share)")
+    added = getattr(pipe.tokenizer, "added_tokens", None)
+    if added:
+        raise ValueError(f"{path}: this pipeline holds textual inversion tokens {sorted(added)[:4]}, and a single file "
+                         "has no tokenizer to name their rows (A1111 keeps embeddings in files of their own): save "
+                         "with save_pretrained, or load the model again without the embeddings")
+    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype)
     info = single_file.info_from_configs(pipe.unet.config.to_diffusers(), pipe.vae.config.to_diffusers(),
                                          pipe.text_encoder.config.to_transformers())
     stored = np.dtype(dtype).name if dtype is not None else np.asarray(unet_sd["conv_in.weight"]).dtype.name

@@ -43,22 +43,22 @@ def _stack(rows: list[dict]) -> dict:
 
 
 def _vp_x0(prediction_type: str, alpha: float, sigma_t: float) -> dict:
-    """x0 = cx * x + co * model_output, for latents x = alpha * x0 + sigma_t * eps."""
+    """x0 = x0_from_x * x + x0_from_out * model_output, for latents x = alpha * x0 + sigma_t * eps."""
     if prediction_type == "epsilon":
-        return dict(cx=1 / alpha, co=-sigma_t / alpha)
+        return dict(x0_from_x=1 / alpha, x0_from_out=-sigma_t / alpha)
     if prediction_type == "v_prediction":          # v = alpha * eps - sigma_t * x0
-        return dict(cx=alpha, co=-sigma_t)
-    return dict(cx=0.0, co=1.0)
+        return dict(x0_from_x=alpha, x0_from_out=-sigma_t)
+    return dict(x0_from_x=0.0, x0_from_out=1.0)
 
 
 def _sigma_x0(prediction_type: str, sigma: float) -> dict:
-    """x0 = cx * x + co * model_output for the sigma samplers, whose x = x0 + sigma * eps (the UNet sees and
-    predicts for x / sqrt(1 + sigma^2), so v-prediction is taken at that scale)."""
+    """x0 = x0_from_x * x + x0_from_out * model_output for the sigma samplers, whose x = x0 + sigma * eps (the
+    UNet sees and predicts for x / sqrt(1 + sigma^2), so v-prediction is taken at that scale)."""
     if prediction_type == "epsilon":
-        return dict(cx=1.0, co=-sigma)
+        return dict(x0_from_x=1.0, x0_from_out=-sigma)
     if prediction_type == "v_prediction":
-        return dict(cx=1 / (sigma ** 2 + 1), co=-sigma / np.sqrt(sigma ** 2 + 1))
-    return dict(cx=0.0, co=1.0)
+        return dict(x0_from_x=1 / (sigma ** 2 + 1), x0_from_out=-sigma / np.sqrt(sigma ** 2 + 1))
+    return dict(x0_from_x=0.0, x0_from_out=1.0)
 
 
 def _dynamic_threshold(x0, ratio, max_value):
@@ -68,8 +68,11 @@ def _dynamic_threshold(x0, ratio, max_value):
     return jnp.clip(x0, -s, s) / s
 
 
-def _predict_x0(x, out, row, opts):
-    x0 = row["cx"] * x + row["co"] * out
+def predict_x0(x, out, row, opts):
+    """The clean latents x0 the model output `out` at latents `x` predicts, from the call's coefficients in `row`
+    (its prediction type at its noise level), clipped or thresholded as the sampler's `opts` say: diffusers'
+    `pred_original_sample`. Every sampler's row table has `x0_from_x` and `x0_from_out`."""
+    x0 = row["x0_from_x"] * x + row["x0_from_out"] * out
     if opts.threshold is not None:
         return _dynamic_threshold(x0, *opts.threshold)
     if opts.clip_range is not None:
@@ -113,7 +116,7 @@ def ddpm_rows(sched: Schedule, begin: int) -> dict:
 
 
 def ddpm_step(x, out, r, hist, noise, opts):
-    x0 = _predict_x0(x, out, r, opts)
+    x0 = predict_x0(x, out, r, opts)
     return r["c_x0"] * x0 + r["c_x"] * x + r["std"] * noise, hist
 
 
@@ -137,7 +140,7 @@ def ddim_rows(sched: Schedule, begin: int) -> dict:
 
 
 def ddim_step(x, out, r, hist, noise, opts):
-    x0 = _predict_x0(x, out, r, opts)
+    x0 = predict_x0(x, out, r, opts)
     eps = r["e_x"] * x + r["e_out"] * out
     x = r["c_x0"] * x0 + r["c_eps"] * eps
     return (x if noise is None else x + r["std"] * noise), hist
@@ -152,7 +155,9 @@ def pndm_rows(sched: Schedule, begin: int) -> dict:
     a Runge-Kutta (PRK warm-up) or Adams-Bashforth (PLMS) combination of past eps, as diffusers orders them.
 
     Per call: which sample it starts from (`use_saved`: the one saved at the last step start), what it pushes
-    onto the eps history `ets`, and the weights of eps' on (out, ets oldest..newest, RK accumulator)."""
+    onto the eps history `ets`, and the weights of eps' on (out, ets oldest..newest, RK accumulator). The step
+    does not use x0; `x0_from_x` / `x0_from_out` give `predict_x0` the one each call's own output predicts at
+    the timestep the UNet was given (diffusers' PNDMScheduler reports none)."""
     cfg, ts, ac = sched.config, sched.timesteps, sched.alphas_cumprod.astype(np.float64)
     stride = cfg["num_train_timesteps"] // sched.num_inference_steps
     n_prk = 0 if cfg["skip_prk_steps"] else 12   # 3 Runge-Kutta steps of 4 calls
@@ -161,6 +166,8 @@ def pndm_rows(sched: Schedule, begin: int) -> dict:
         row = dict(push=False, save=False, use_saved=False, w_out=0.0, w_ets=np.zeros(4), w_acc=0.0,
                    acc_keep=1.0, acc_add=0.0)
         t = ts[k]
+        with np.errstate(divide="ignore"):   # a = 0 at a zero-SNR t = T-1 (needs v_prediction)
+            row.update(_vp_x0(cfg["prediction_type"], np.sqrt(ac[t]), np.sqrt(1 - ac[t])))
         if c < n_prk:   # RK4 stage c % 4; alphas of the step start ts[c//4*4] (full table, as diffusers)
             stage = c % 4
             prev, t = t - (0 if c % 2 else stride // 2), sched.timesteps[c // 4 * 4]
@@ -214,7 +221,7 @@ def euler_rows(sched: Schedule, begin: int) -> dict:
 
 
 def euler_step(x, out, r, hist, noise, opts):
-    x0 = _predict_x0(x, out, r, opts)
+    x0 = predict_x0(x, out, r, opts)
     return x0 + r["ratio"] * (x - x0), hist
 
 
@@ -230,7 +237,7 @@ def euler_ancestral_rows(sched: Schedule, begin: int) -> dict:
 
 
 def euler_ancestral_step(x, out, r, hist, noise, opts):
-    x0 = _predict_x0(x, out, r, opts)
+    x0 = predict_x0(x, out, r, opts)
     return x0 + r["ratio"] * (x - x0) + r["sigma_up"] * noise, hist
 
 
@@ -247,7 +254,7 @@ def heun_rows(sched: Schedule, begin: int) -> dict:
 
 def heun_step(x, out, r, hist, noise, opts):
     d_first, x_first = hist
-    d = (x - _predict_x0(x, out, r, opts)) / r["sigma"]
+    d = (x - predict_x0(x, out, r, opts)) / r["sigma"]
     x_next = jnp.where(r["first"], x + d * r["dt"], x_first + (d_first + d) / 2 * r["dt"])
     return x_next, (jnp.where(r["first"], d, d_first), jnp.where(r["first"], x, x_first))
 
@@ -278,7 +285,7 @@ def lms_rows(sched: Schedule, begin: int) -> dict:
 
 
 def lms_step(x, out, r, hist, noise, opts):
-    hist = _push(hist, (x - _predict_x0(x, out, r, opts)) / r["sigma"])
+    hist = _push(hist, (x - predict_x0(x, out, r, opts)) / r["sigma"])
     return x + _combine(r["c"], hist), hist
 
 
@@ -344,7 +351,7 @@ def dpm_solver_rows(sched: Schedule, begin: int) -> dict:
 
 
 def dpm_solver_step(x, out, r, hist, noise, opts):
-    hist = _push(hist, _predict_x0(x, out, r, opts))
+    hist = _push(hist, predict_x0(x, out, r, opts))
     x = r["c_x"] * x + _combine(r["w"], hist)
     return (x if noise is None else x + r["c_z"] * noise), hist
 
@@ -407,7 +414,7 @@ def unipc_rows(sched: Schedule, begin: int) -> dict:
 
 def unipc_step(x, out, r, hist, noise, opts):
     ms, x_last = hist
-    m = _predict_x0(x, out, r, opts)
+    m = predict_x0(x, out, r, opts)
     corrected = r["c_last"] * x_last + r["c_new"] * m + _combine(r["c_hist"], ms)
     x = jnp.where(r["use_corrector"], corrected, x)
     ms = _push(ms, m)

@@ -9,6 +9,11 @@ and step count static. It is two halves that can be used apart:
     the input scale, the sampler's coefficients from `sdjax.samplers`), and
   * `run_plan(model_fn, plan, noise, rng, ...)`: the scan. A Plan is a pytree whose arrays are leaves, so a
     jitted `run_plan` is reused by every config with the same sampler, step count and static step options.
+
+`return_predictions=True` also returns what each model call predicts the clean latents to be (x̂₀,
+diffusers' `pred_original_sample`), gathered by the same scan, for watching the denoising:
+
+    latents, x0s = sample_loop(model_fn, noise, config, 30, return_predictions=True)   # x0s: (30, B, h, w, C)
 """
 from __future__ import annotations
 
@@ -84,10 +89,19 @@ def step_noise(rng, index, shape, dtype=jnp.float32):
     return flat.reshape(shape)
 
 
+def kept_predictions(num_calls: int, every: int) -> np.ndarray:
+    """The model calls whose x̂₀ `run_plan(..., predictions_every=every)` keeps: 0, every, 2 * every, ... and
+    the last."""
+    if every < 1:
+        raise ValueError(f"predictions_every must be 1 or more, got {every}")
+    return np.unique(np.append(np.arange(0, num_calls, every), num_calls - 1))
+
+
 def run_plan(model_fn, plan: Plan, noise, rng=None, *, init_latents=None, inpaint_latents=None,
-             inpaint_mask=None):
+             inpaint_mask=None, return_predictions=False, predictions_every=1):
     """Run `plan` from standard-normal `noise` (NHWC); returns the final latents (float32, or noise's float
-    type if wider). Arguments as in `sample_loop`."""
+    type if wider), or (latents, x̂₀ of the kept calls) with `return_predictions`. Arguments as in
+    `sample_loop`; under `jax.jit`, return_predictions and predictions_every are static."""
     if plan.stochastic and rng is None:
         raise ValueError(f"{plan.sampler} draws fresh noise every step; pass rng=jax.random.key(seed)")
     if (inpaint_latents is None) != (inpaint_mask is None):
@@ -104,24 +118,38 @@ def run_plan(model_fn, plan: Plan, noise, rng=None, *, init_latents=None, inpain
         x = noise * plan.init_noise_sigma
     step = samplers.SAMPLERS[plan.sampler].step
     hist = samplers.SAMPLERS[plan.sampler].history(x, plan.options)
+    # x̂₀ of the kept calls go to their slot of a buffer in the carry, the others to a last, scratch slot: only
+    # the kept ones are held in memory, whatever the step count
+    num_calls = len(plan.rows["index"])
+    kept = kept_predictions(num_calls, predictions_every) if return_predictions else np.zeros(0, np.int32)
+    slots = np.full(num_calls, len(kept), np.int32)
+    slots[kept] = np.arange(len(kept))
+    x0s = jnp.zeros((len(kept) + 1,) + x.shape, dtype) if return_predictions else None
 
-    def one_call(carry, row):
-        x, hist = carry
+    def one_call(carry, xs):
+        x, hist, x0s = carry
+        row, slot = xs
         out = model_fn(x * row["scale"].astype(dtype), row["timestep"]).astype(dtype)
         z = step_noise(rng, row["index"], x.shape, dtype) if plan.stochastic else None
         row = {k: v.astype(dtype) if v.dtype == jnp.float32 else v for k, v in row.items()}
+        if return_predictions:
+            x0 = samplers.predict_x0(x, out, row, plan.options)
+            if inpaint_latents is not None:   # the known region is known
+                x0 = (1 - inpaint_mask) * inpaint_latents + inpaint_mask * x0
+            x0s = jax.lax.dynamic_update_index_in_dim(x0s, x0, slot, 0)
         x, hist = step(x, out, row, hist, z, plan.options)
         if inpaint_latents is not None:   # keep the known region on the noise level of the next call
             known = row["next_signal"] * inpaint_latents + row["next_noise"] * noise
             x = (1 - inpaint_mask) * known + inpaint_mask * x
-        return (x, hist), None
+        return (x, hist, x0s), None
 
-    (x, _), _ = jax.lax.scan(one_call, (x, hist), plan.rows)
-    return x
+    (x, _, x0s), _ = jax.lax.scan(one_call, (x, hist, x0s), (plan.rows, slots))
+    return (x, x0s[:-1]) if return_predictions else x
 
 
 def sample_loop(model_fn, noise, scheduler_config, num_inference_steps, rng=None, *, init_latents=None,
-                strength=1.0, inpaint_latents=None, inpaint_mask=None):
+                strength=1.0, inpaint_latents=None, inpaint_mask=None, return_predictions=False,
+                predictions_every=1):
     """Denoise `noise` with the sampler of `scheduler_config` in `num_inference_steps` steps.
 
     model_fn(x, t) -> model output (epsilon / v / x0 as the config's prediction_type), where x is the scaled
@@ -136,7 +164,15 @@ def sample_loop(model_fn, noise, scheduler_config, num_inference_steps, rng=None
       `inpaint_mask` (1 = repaint, broadcastable to the latents): after every call the known region is reset
       to inpaint_latents noised to the next call's level (clean after the last), as diffusers'
       StableDiffusionInpaintPipeline. With strength < 1 the start is noised inpaint_latents.
+    return_predictions: return (latents, x0s) instead, where x0s (kept calls, B, h, w, C) holds the clean
+      latents each model call predicts, `samplers.predict_x0` (clipped / thresholded as the sampler does; with
+      inpainting, the known region is inpaint_latents). The latents are the same, bit for bit. One x̂₀ per
+      model call: per step for every sampler but Heun (two calls a step, one at the last) and PNDM (PRK: four
+      calls a step; PLMS: one more call than steps).
+    predictions_every: keep only the x̂₀ of calls 0, k, 2k, ... and the last (`kept_predictions`); only those
+      are held in memory.
     """
     plan = make_plan(scheduler_config, num_inference_steps, strength=strength)
     return run_plan(model_fn, plan, noise, rng, init_latents=init_latents, inpaint_latents=inpaint_latents,
-                    inpaint_mask=inpaint_mask)
+                    inpaint_mask=inpaint_mask, return_predictions=return_predictions,
+                    predictions_every=predictions_every)

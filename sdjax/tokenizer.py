@@ -2,11 +2,20 @@
 
 `pipe.tokenizer(prompts)` gives an int32 (B, 77) array: BOS, up to 75 text tokens, EOS, then the
 checkpoint's pad id (SD 1.x pads with "<|endoftext|>" = 49407, the SD 2.x tokenizer with "!" = 0).
+Longer prompts and A1111's emphasis syntax: `sdjax.prompts` (chunks of this layout), which the pipeline uses.
 
 Two backends give the same ids:
   * `load_tokenizer(folder)`: transformers' CLIPTokenizer on a checkpoint's tokenizer/ files;
   * `default_tokenizer()`: the offline fallback for single-file checkpoints, instant_clip_tokenizer
     (a Rust port of OpenAI's tokenizer) behind transformers' text cleanup (NFC; it lowercases itself).
+
+Tokens added for textual inversion (`add_tokens`, `sdjax.textual_inversion`) take the ids after the vocabulary
+and are matched as transformers matches added tokens, in both backends: in the normalised text (NFC, runs of
+whitespace as one space, lower case), anywhere, the longest first. `tok`, `tok_1`, ..., `tok_{n-1}` are the n
+vectors of one embedding, and `encode` turns `tok` into all n ids:
+
+    tokenizer.add_tokens(["<cat-toy>", "<cat-toy>_1"])   # [49408, 49409]
+    tokenizer.encode(["a <Cat-Toy> backpack"])           # [[320, 49408, 49409, 14894]]
 """
 from __future__ import annotations
 
@@ -30,23 +39,77 @@ VOCAB_SIZE = 49408
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894 merges of OpenAI's bpe_simple_vocab_16e6.txt are used
 _BPE_HEADER = b"#version: 0.2\n"
 _OWN_MARKERS = re.compile(r"(?<=<)(?=(?:start|end)_of_text>)")
+# Unicode White_Space, as the \s of transformers' (Rust) normalizer: Python's \s also matches \x1c-\x1f
+_WHITESPACE = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 
 class CLIPTokenizer:
     """prompts -> (B, 77) int32 ids. `encode(texts)` gives each text's ids without BOS/EOS.
 
     `vocab_and_merges()` returns (token -> id dict, list of "a b" merge lines) for `save`.
+    `added_tokens` ({name: id}, ids from len(vocab) on) are the tokens `add_tokens` gave the backend.
     """
 
     def __init__(self, encode: Callable[[list[str]], list[list[int]]], *, pad_token_id: int,
                  vocab_and_merges: Callable[[], tuple[dict[str, int], list[str]]],
+                 add_tokens: Callable[[dict[str, int]], None], added_tokens: dict[str, int] | None = None,
                  model_max_length: int = MODEL_MAX_LENGTH, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID):
-        self.encode = encode
+        self._encode = encode  # the backend: texts -> ids, with `added_tokens` split out of the text
+        self._backend_add_tokens = add_tokens  # the backend learns {name: id} (in id order)
         self.vocab_and_merges = vocab_and_merges
+        self.added_tokens: dict[str, int] = dict(added_tokens or {})
         self.pad_token_id = pad_token_id
         self.model_max_length = model_max_length
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+
+    def __len__(self) -> int:
+        """The number of ids: the vocabulary's and the added tokens'."""
+        return len(self.vocab_and_merges()[0]) + len(self.added_tokens)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids without BOS/EOS, untruncated; a multi-vector token `tok` becomes tok, tok_1, ..."""
+        ids = self._encode(texts)
+        vectors = self.multi_vector_ids()
+        if not vectors:
+            return ids
+        return [[j for i in row for j in vectors.get(i, (i,))] for row in ids]
+
+    def multi_vector_ids(self) -> dict[int, list[int]]:
+        """{id of tok: ids of tok, tok_1, ..., tok_{n-1}} for every added `tok` with a `tok_1` (diffusers' rule)."""
+        out = {}
+        for name, i in self.added_tokens.items():
+            ids, k = [i], 1
+            while f"{name}_{k}" in self.added_tokens:
+                ids.append(self.added_tokens[f"{name}_{k}"])
+                k += 1
+            if k > 1:
+                out[i] = ids
+        return out
+
+    def add_tokens(self, names: Sequence[str]) -> list[int]:
+        """Add tokens (the next ids after the vocabulary and the tokens already added, in order); returns their ids.
+
+        A name CLIP's vocabulary holds, or one already added (compared normalised: "Tok" is "tok"), is an error
+        that names it, as is an empty name or one with whitespace at either end (it could never match)."""
+        vocab = self.vocab_and_merges()[0]
+        taken = {_normalize(n): n for n in self.added_tokens}
+        for name in names:
+            if not isinstance(name, str) or not name or name != name.strip():
+                raise ValueError(f"token {name!r}: give a non-empty name without whitespace at either end")
+            key = _normalize(name)
+            if key in vocab or name in vocab:
+                raise ValueError(f"token {name!r} is already in CLIP's vocabulary: choose another name (one that "
+                                 f"is not a word or word piece, e.g. <{name}>)")
+            if key in taken:
+                raise ValueError(f"token {name!r} is already loaded" + ("" if taken[key] == name else
+                                 f" (as {taken[key]!r}; names are compared in lower case)") +
+                                 ": give this embedding another name (token=...)")
+            taken[key] = name
+        new = {name: len(self) + k for k, name in enumerate(names)}
+        self._backend_add_tokens(new)
+        self.added_tokens.update(new)
+        return list(new.values())
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         prompts = _as_prompt_list(prompts)
@@ -55,13 +118,15 @@ class CLIPTokenizer:
         for row, (prompt, ids) in enumerate(zip(prompts, self.encode(prompts))):
             if len(ids) > keep:
                 warnings.warn(f"prompt truncated: {len(ids) - keep} of its {len(ids)} tokens were dropped "
-                              f"(CLIP reads at most {keep} tokens): {prompt[:60]!r}...", stacklevel=2)
+                              f"(CLIP reads at most {keep} tokens; sdjax.prompts.tokenize_prompts, which the pipeline "
+                              f"uses, keeps them all in 77-token chunks): {prompt[:60]!r}...", stacklevel=2)
                 ids = ids[:keep]
             out[row, :len(ids) + 2] = [self.bos_token_id, *ids, self.eos_token_id]
         return out
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (transformers' layout)."""
+        """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (transformers' layout), and
+        the added tokens as transformers 4 did: added_tokens.json and the config's added_tokens_decoder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         vocab, merges = self.vocab_and_merges()
@@ -72,7 +137,18 @@ class CLIPTokenizer:
                       do_lower_case=True, add_prefix_space=False, errors="replace")
         (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self.added_tokens:  # as transformers 4 wrote them; transformers 4 and 5 read either
+            def entry(content, special_token):
+                return {"content": content, "lstrip": False, "normalized": not special_token, "rstrip": False,
+                        "single_word": False, "special": special_token}
+            specials = {i: entry(id_to_token[i], True) for i in (self.pad_token_id, self.bos_token_id,
+                                                                 self.eos_token_id)}
+            added = {i: entry(name, False) for name, i in self.added_tokens.items()}
+            config["added_tokens_decoder"] = {str(i): e for i, e in sorted({**specials, **added}.items())}
+            (folder / "added_tokens.json").write_text(json.dumps(self.added_tokens, indent=2, ensure_ascii=False)
+                                                      + "\n", encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
@@ -121,9 +197,16 @@ def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
         # transformers logs is redundant with ours.
         return hf(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
+    def add_tokens(tokens: dict[str, int]):
+        hf.add_tokens(list(tokens))
+        got = {name: hf.convert_tokens_to_ids(name) for name in tokens}
+        if got != tokens:
+            raise RuntimeError(f"transformers' CLIPTokenizer gave the added tokens ids {got}, expected {tokens}")
+
     pad = hf.pad_token_id if hf.pad_token_id is not None else EOS_ID
-    return CLIPTokenizer(encode, pad_token_id=pad, vocab_and_merges=lambda: (vocab, merges),
-                         bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)
+    added = {t: i for t, i in sorted(hf.added_tokens_encoder.items(), key=lambda item: item[1]) if t not in vocab}
+    return CLIPTokenizer(encode, pad_token_id=pad, vocab_and_merges=lambda: (vocab, merges), add_tokens=add_tokens,
+                         added_tokens=added, bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)
 
 
 def default_tokenizer(pad_token_id: int = EOS_ID) -> CLIPTokenizer:
@@ -143,20 +226,45 @@ def default_tokenizer(pad_token_id: int = EOS_ID) -> CLIPTokenizer:
     special = {BOS: BOS_ID, EOS: EOS_ID}
     if pad_token_id not in special.values():
         special[{i: t for t, i in clip_vocab_and_merges()[0].items()}[pad_token_id]] = pad_token_id
-    # Longest first, as transformers' leftmost-longest match of added tokens.
-    splitter = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
+    splitter = _alternation(special)
+    added: dict[str, int] = {}  # normalised name -> id: matched in the normalised text (transformers' normalized=True)
+    added_splitter = None
+
+    def encode_text(text: str) -> list[int]:
+        return [i for chunk in _clean(text) for i in tok.encode(chunk)]
 
     def encode_one(text: str) -> list[int]:
         ids: list[int] = []
         for k, piece in enumerate(splitter.split(text)):  # odd pieces are the special tokens themselves
             if k % 2:
                 ids.append(special[piece])
-            else:
-                ids.extend(i for chunk in _clean(piece) for i in tok.encode(chunk))
+                continue
+            parts = added_splitter.split(_normalize(piece)) if added else [piece]
+            if len(parts) == 1:  # no added token: the piece as it is
+                ids.extend(encode_text(piece))
+                continue
+            for j, part in enumerate(parts):  # odd parts are added tokens
+                ids.extend([added[part]] if j % 2 else encode_text(part))
         return ids
 
+    def add_tokens(tokens: dict[str, int]):
+        nonlocal added_splitter
+        added.update({_normalize(name): i for name, i in tokens.items()})
+        added_splitter = _alternation(added)
+
     return CLIPTokenizer(lambda texts: [encode_one(t) for t in texts], pad_token_id=pad_token_id,
-                         vocab_and_merges=clip_vocab_and_merges)
+                         vocab_and_merges=clip_vocab_and_merges, add_tokens=add_tokens)
+
+
+def _alternation(tokens) -> re.Pattern:
+    """A regex whose split() cuts out these strings, longest first (transformers' leftmost-longest match)."""
+    return re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")")
+
+
+def _normalize(text: str) -> str:
+    """transformers' CLIP normalizer (NFC, runs of whitespace as one space, lower case char by char), which added
+    tokens are matched in."""
+    return _WHITESPACE.sub(" ", "".join(map(str.lower, unicodedata.normalize("NFC", text))))
 
 
 def _clean(text: str) -> list[str]:

@@ -84,9 +84,10 @@ def diffusers_scheduler(config: dict, num_inference_steps: int | None = None):
 
 
 def diffusers_loop(config: dict, num_inference_steps: int, noise, rng=None, *, init_latents=None, strength=1.0,
-                   inpaint_latents=None, inpaint_mask=None, record=None) -> np.ndarray:
+                   inpaint_latents=None, inpaint_mask=None, record=None, predictions=None) -> np.ndarray:
     """diffusers' denoising loop (txt2img, img2img or 4-channel inpainting) with `torch_model`; NHWC float64.
-    `record`: a list that receives (model input NHWC, timestep) of every model call."""
+    `record`: a list that receives (model input NHWC, timestep) of every model call; `predictions`: one that
+    receives the `pred_original_sample` (NHWC) of every step() that reports one."""
     sched = diffusers_scheduler(config, num_inference_steps)
     for name, value in list(vars(sched).items()):
         if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
@@ -125,7 +126,10 @@ def diffusers_loop(config: dict, num_inference_steps: int, noise, rng=None, *, i
             if record is not None:
                 record.append((model_input.permute(0, 2, 3, 1).numpy(), t.numpy()))
             model_output = torch_model(model_input, t)
-            x = sched.step(model_output, t, x, **kwargs).prev_sample
+            result = sched.step(model_output, t, x, **kwargs)
+            x = result.prev_sample
+            if predictions is not None:
+                predictions.append(result.pred_original_sample.permute(0, 2, 3, 1).double().numpy())
             if inpaint_latents is not None:
                 known = _nchw(inpaint_latents)
                 if i < len(timesteps) - 1:

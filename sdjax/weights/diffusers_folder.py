@@ -6,6 +6,7 @@ A component folder (unet/, vae/, text_encoder/) holds `config.json` and its weig
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def _not_a_torch_file(path: Path) -> str | None:
         return f"not a PyTorch checkpoint (it starts with bytes {head[:8].hex(' ')})"
 
 
-def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
-    """A PyTorch pickle (.bin / .ckpt) as numpy arrays; the only place sdjax imports torch."""
+def _load_torch(path: Path):
+    """torch.load(path) with weights_only=True (no code runs), after sniffing that it is a torch file; the only place
+    sdjax imports torch. torch.nn.ParameterDict is allowed too: old textual inversion files pickle one."""
     what = _not_a_torch_file(path)
     if what:
         raise ValueError(f"{path} is {what}, not a PyTorch checkpoint (torch.save writes a zip archive)"
@@ -65,16 +67,51 @@ def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch (pip install torch), "
                           "or convert the checkpoint to .safetensors") from None
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with safe_globals([torch.nn.ParameterDict]) if safe_globals else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad pickle
         raise ValueError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _tensor_to_numpy(value):
+    """A torch tensor as a numpy array (bfloat16, which numpy lacks, as float32); anything else as it is."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach()
+    return value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
+
+
+def read_torch_file(path: Path):
+    """What a PyTorch pickle holds (.pt / .bin / .ckpt: dicts, lists, strings, numbers), every tensor as a numpy
+    array and every dict (a ParameterDict too) as a plain dict; read safely (weights_only)."""
+    obj = _load_torch(path)  # first: its errors say what the file is, or that torch is missing
+    import torch
+
+    def convert(value):
+        if isinstance(value, torch.nn.ParameterDict):
+            value = dict(value.items())
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return _tensor_to_numpy(value)
+
+    return convert(obj)
+
+
+def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
+    """A PyTorch state dict (.bin / .ckpt, the ckpt's "state_dict") as numpy arrays."""
+    obj = _load_torch(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-            for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    arrays = {k: _tensor_to_numpy(v) for k, v in obj.items()}
+    return {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
 
 
 def read_weights(folder: Path, name: str) -> dict[str, np.ndarray]:

@@ -46,6 +46,16 @@ def _from_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def kernel_to_torch(value: np.ndarray) -> np.ndarray:
+    """A Linear (in, out) or Conv (kh, kw, in, out) kernel in PyTorch's layout, (out, in) / (out, in, kh, kw)."""
+    return _to_torch_layout("kernel", value)
+
+
+def kernel_from_torch(value: np.ndarray) -> np.ndarray:
+    """A PyTorch Linear (out, in) or Conv2d (out, in, kh, kw) weight in sdjax's layout."""
+    return _from_torch_layout("kernel", value)
+
+
 def torch_key(path: tuple) -> str:
     """NNX parameter path -> PyTorch state-dict key."""
     *body, leaf = path
@@ -54,10 +64,15 @@ def torch_key(path: tuple) -> str:
     return ".".join(str(p) for p in body) + "." + _LEAF_TO_TORCH[leaf]
 
 
+# The base weights: every nnx.Param but low-rank adapters (nnx.LoRAParam, sdjax.layers.LoRA), which sdjax.lora
+# reads and writes in their own files.
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
 def module_params(module: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
-    """{torch_key: (nnx path, variable)} for every nnx.Param of `module`."""
+    """{torch_key: (nnx path, variable)} for every base parameter of `module` (adapters left out)."""
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(module, BASE_PARAMS)):
         out[torch_key(path)] = (path, var)
     return out
 
