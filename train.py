@@ -3,6 +3,8 @@
     python train.py --config configs/finetune_sd15.py --config.workdir=runs/x --config.batch_size=64 \
         --config.model.init_from=/models/stable-diffusion-v1-5 --config.data.path=/data/my_images
     python train.py --config configs/tiny.py --config.workdir=runs/tiny          # CPU, minutes
+    python train.py --config configs/lora_sd15.py --config.workdir=runs/my_style \
+        --config.model.init_from=/models/stable-diffusion-v1-5 --config.data.path=/data/my_images   # LoRA
 
 Reads top to bottom: config -> processes and mesh -> data -> models (resume | init_from | scratch) ->
 sharded train state -> one jitted, donated train step -> loop with metrics, previews, checkpoints ->
@@ -25,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sdjax import checkpoint, latent_cache, sharding, training
+from sdjax import checkpoint, latent_cache, lora, lora_training, prompts, sharding, training
 from sdjax.data import preprocess
 
 log = logging.getLogger("train")
@@ -193,6 +195,7 @@ def main(config, *, sample_fn=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     checkpoint.check_export(tuple(config.export.formats), config.export.dtype, config.stage)
+    lora_training.check_config(config)
 
     # Mesh and data: each process reads its own rows of every global batch.
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -206,15 +209,19 @@ def main(config, *, sample_fn=None) -> dict:
                                       resample=config.data.resample)
 
     # Models: structure and pretrained weights; random ones drawn by one small program, cut on the host
-    # (sdjax.initializers); all placed sharded.
+    # (sdjax.initializers); LoRA adapters added (lora.rank > 0); all placed sharded. What trains (whole modules,
+    # or only the adapters) is the train state's; the rest is the step's frozen argument.
     models = training.build_models(config)
     trainable = training.trainable_modules(config)
     min_size = config.mesh.fsdp_min_size
-    module_shardings = sharding.param_shardings(mesh, models.abstract_states(), min_size=min_size)
     states = {**models.loaded, **(models.init_fn() if models.init_fn is not None else {})}
-    states = sharding.put_global(states, {k: module_shardings[k] for k in states})
-    params = {k: states.pop(k) for k in trainable}
-    frozen = states
+    if config.lora.rank:
+        models.graphdefs, states = lora_training.add_adapters(models.graphdefs, states, config,
+                                                              pretrained=tuple(models.loaded))
+    states = sharding.put_global(states, sharding.param_shardings(mesh, states, min_size=min_size))
+    params, frozen = training.split_trainable(models.graphdefs, states, trainable,
+                                              training.trainable_variables(config))
+    del states
 
     # Train state: resume from the workdir, else start from the weights above.
     tx, schedules = training.make_optimizer(config.optimizer, num_steps=config.num_steps, trainable=trainable)
@@ -230,6 +237,9 @@ def main(config, *, sample_fn=None) -> dict:
         if (meta.get("batch_size"), meta.get("seed")) != (config.batch_size, config.seed):
             log.warning("resuming with batch_size/seed %s/%s (checkpoint: %s/%s): the data order changes",
                         config.batch_size, config.seed, meta.get("batch_size"), meta.get("seed"))
+        if meta.get("init_from", config.model.init_from) != config.model.init_from:
+            log.warning("resuming from model.init_from=%s (checkpoint: %s): the frozen weights are this one's",
+                        config.model.init_from, meta["init_from"])
         log.info("resumed from %s at step %d", ckpt.directory, meta["step"])
     else:
         state = training.sharded_init_state(params, tx, state_shardings, seed=config.seed,
@@ -239,20 +249,30 @@ def main(config, *, sample_fn=None) -> dict:
     if is_main:  # the run is known to start: record its config, and supersede what a killed run logged after start
         record_config(workdir, config, start // config.optimizer.grad_accum_steps)
         supersede_metrics(workdir, start // config.optimizer.grad_accum_steps)
-    log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start,
-             f"{sum(np.size(x) for x in jax.tree.leaves(state['params'])):,}")
+    trained_params = sum(np.size(x) for x in jax.tree.leaves(state["params"]))
+    log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start, f"{trained_params:,}")
     loss_fn = training.make_loss_fn(config, scheduler_config=models.scheduler_config,
                                     latent_scaling=models.vae_config.latent_scaling)
+    if config.lora.rank and config.lora.dropout:
+        loss_fn = lora_training.with_dropout(loss_fn)
     step_fn = training.make_train_step(models.graphdefs, loss_fn, tx, schedules, grad_accum_steps=accum,
                                        ema_decay=config.ema.decay, ema_warmup=config.ema.warmup)
-    frozen_shardings = {k: module_shardings[k] for k in frozen}
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
     def host_modules() -> dict:
         """The modules with the EMA (else current) weights, as numpy, on every process."""
-        weights = sharding.to_host({**frozen, **state.get("ema", state["params"])})
-        return training.merge_modules(models.graphdefs, weights)
+        return training.merge_modules(models.graphdefs, *sharding.to_host((frozen, state.get("ema", state["params"]))))
+
+    def export_adapters() -> None:
+        """workdir/lora: the EMA (else current) adapters as diffusers' and kohya's files (every process gathers
+        them, process 0 writes; the base weights stay where they are)."""
+        adapters = sharding.to_host(state.get("ema", state["params"]))
+        if is_main:
+            modules = training.merge_modules(models.graphdefs, {k: frozen[k] for k in adapters}, adapters)
+            lora_training.export(modules, workdir / "lora", name=lora_training.file_name(config),
+                                 dtype=config.export.dtype)
 
     if config.preview_every and sample_fn is None:
         if config.stage != "diffusion":
@@ -275,7 +295,8 @@ def main(config, *, sample_fn=None) -> dict:
                                                      clip_skip=config.model.clip_skip),
                          out_shardings=sharding.replicated(mesh))
         cache = latent_cache.build_cache(
-            dataset, functools.partial(encode, frozen), mesh=mesh, batch_size=config.batch_size,
+            dataset, functools.partial(encode, {k: v for k, v in frozen.items() if k not in trainable}), mesh=mesh,
+            batch_size=config.batch_size,
             preprocess_fn=preprocess.make_preprocess(config.data.resolution, resample=config.data.resample),
             tokenizer=models.tokenizer, process_index=jax.process_index(), process_count=nproc)
         batches = latent_cache.cached_batches(cache, batch_size=config.batch_size // nproc,
@@ -284,12 +305,15 @@ def main(config, *, sample_fn=None) -> dict:
         batches = preprocess.iterate_batches(dataset, config.batch_size // nproc, preprocess=prep,
                                              num_threads=config.data.num_threads, **shard)
 
+    caption_tokens = prompts.CaptionTokenizer(models.tokenizer, chunks=config.data.caption_chunks,
+                                              weighted=config.data.weighted_captions)
+
     def device_batch(host: dict) -> dict:
         if cache is not None:  # already the model's inputs
             return sharding.host_batch_to_global(mesh, host)
         batch = {"images": host["images"]}
         if config.stage == "diffusion":
-            batch["input_ids"] = models.tokenizer(host["captions"])
+            batch.update(caption_tokens(host["captions"]))  # "input_ids" (and "token_weights")
         return sharding.host_batch_to_global(mesh, batch)
 
     watcher = checkpoint.PreemptionWatcher()  # from here SIGTERM (during compilation too) saves the next step
@@ -346,7 +370,9 @@ def main(config, *, sample_fn=None) -> dict:
                     Image.fromarray(grid).save(workdir / "previews" / f"step_{step:07d}.png")
             if save:
                 ckpt.save(done, state, {"step": step, "micro_step": done, "data_step": done, "seed": config.seed,
-                                        "batch_size": config.batch_size})
+                                        "batch_size": config.batch_size, "init_from": config.model.init_from})
+                if config.lora.rank:
+                    export_adapters()
             if preempted:
                 log.warning("preempted: saved step %d (micro-step %d); restart to continue", step, done)
                 break
@@ -357,8 +383,12 @@ def main(config, *, sample_fn=None) -> dict:
         reporter.close()
         watcher.restore()
 
+    if not preempted and config.lora.rank:
+        export_adapters()
     if not preempted and config.export.formats:
         modules = host_modules()
+        if config.lora.rank:  # the whole model, with the adapters merged into its weights
+            lora.fuse_lora({k: modules[k] for k in ("unet", "text_encoder")})
         if config.stage == "autoencoder" and config.autoencoder.set_scaling_factor:
             images = next(batches)["images"]  # this host's next batch
             factor = training.latent_scaling_factor(modules["vae"], images)
@@ -372,9 +402,10 @@ def main(config, *, sample_fn=None) -> dict:
             log.info("exported %s", ", ".join(map(str, written)))
     last = reporter.last or {}
     return {"step": (micro + 1) // accum if total > start else start // accum,
-            "loss": float(last.get("loss", math.nan)), "preempted": preempted,
+            "loss": float(last.get("loss", math.nan)), "preempted": preempted, "trained_params": trained_params,
             "checkpoints": str(ckpt.directory),
-            "export": str(Path(config.export.path or workdir / "export")) if config.export.formats else ""}
+            "export": str(Path(config.export.path or workdir / "export")) if config.export.formats else "",
+            "lora": str(workdir / "lora") if config.lora.rank else ""}
 
 
 if __name__ == "__main__":
@@ -405,6 +436,7 @@ if __name__ == "__main__":
         log.info("done: %s", result)
         if jax.process_index() == 0:
             print(f"train.py: step {result['step']}, loss {result['loss']:.4f}; checkpoints in {result['checkpoints']}"
+                  + (f"; LoRA in {result['lora']}" if result["lora"] else "")
                   + (f"; model exported to {result['export']}" if result["export"] and not result["preempted"] else ""))
 
     cli.run(_run, prog="train.py")

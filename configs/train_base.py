@@ -47,6 +47,8 @@ def get_config(arg=None):
     c.data.center_crop = True      # False: random crop
     c.data.random_flip = False     # never for shapes (left/right are in the captions)
     c.data.caption_dropout = 0.0   # probability of training on "" (for classifier-free guidance)
+    c.data.caption_chunks = 1      # 77-token chunks per caption: 1 cuts at 75 tokens (as SD), k keeps 75 k
+    c.data.weighted_captions = False  # parse A1111's "(word:1.2)" / "[word]" / BREAK in captions
     c.data.resample = "bicubic"
     c.data.shuffle = True
     c.data.num_threads = 8         # per host, for decoding and preprocessing
@@ -77,6 +79,16 @@ def get_config(arg=None):
     c.optimizer.end_lr_fraction = 0.0  # cosine: final lr = learning_rate * this
     c.optimizer.grad_clip_norm = 1.0   # 0 = off
     c.optimizer.grad_accum_steps = 1   # > 1: optax.MultiSteps (each optimizer step sees this many batches)
+
+    c.lora = ml_collections.ConfigDict()  # low-rank adapters (sdjax.lora_training) on a pretrained model
+    c.lora.rank = 0                # 0: train the weights themselves; > 0: only adapters of this rank train
+    c.lora.alpha = 0.0             # adapters add alpha / rank * up(down(x)); 0 = the rank (a factor of 1)
+    c.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")  # UNet layers (path suffixes: "attn2.to_q" = cross-
+                                   # attention only); + "ff.net.0.proj", "ff.net.2" for the feed-forwards too
+    c.lora.text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # with train_text_encoder=True
+    c.lora.dropout = 0.0           # PEFT's lora_dropout: each adapter's input dropped while training
+    c.lora.name = ""               # workdir/lora/<name>.safetensors (kohya, A1111's <lora:name:1>); "" = the
+                                   # workdir's folder name. Also pytorch_lora_weights.safetensors (diffusers)
 
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.9999           # 0 = no EMA (previews and export use the raw parameters)

@@ -224,6 +224,15 @@ def check_export(formats, dtype: str, stage: str | None = None) -> None:
         raise ValueError(f"export.dtype={dtype!r}; choose one of {', '.join(repr(d) for d in _EXPORT_DTYPES)}")
 
 
+def export_dtype(name: str):
+    """export.dtype (checked by `check_export`) as a numpy dtype; None for "": each parameter's own."""
+    if _EXPORT_DTYPES[name] == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return _EXPORT_DTYPES[name]
+
+
 def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str | os.PathLike,
                  formats: tuple[str, ...], dtype: str = "") -> list[Path]:
     """Write the trained modules: "diffusers" -> path/ (a diffusers folder), "single_file" ->
@@ -235,11 +244,7 @@ def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str 
     from sdjax.pipeline import StableDiffusion
 
     check_export(formats, dtype)
-    np_dtype = _EXPORT_DTYPES[dtype]
-    if np_dtype == "bfloat16":
-        import ml_dtypes
-
-        np_dtype = ml_dtypes.bfloat16
+    np_dtype = export_dtype(dtype)
     path = Path(path)
     written = []
     for fmt in formats:

@@ -41,6 +41,9 @@ class LatentCache:
 
 
 def check_config(data_cfg) -> None:
+    if data_cfg.get("caption_chunks", 1) != 1 or data_cfg.get("weighted_captions", False):
+        raise ValueError("data.cache_latents caches one 77-token text input per caption: it does not take "
+                         "data.caption_chunks > 1 or data.weighted_captions=True yet (set cache_latents=False)")
     if not data_cfg.center_crop or data_cfg.random_flip:
         raise ValueError("data.cache_latents encodes every image once, so its preprocessing must not be random: "
                          "set data.center_crop=True and data.random_flip=False (or cache_latents=False)")

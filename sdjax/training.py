@@ -8,8 +8,9 @@ step, and orbax saves it as is:
 
 Modules enter as (graphdef, pure state dict) pairs (`split_modules`) and are rebuilt inside the step
 with `nnx.merge` (`merge_modules`): the step is a function of arrays only, which also holds in NNX's
-tree mode. Trainable modules live in `params`; frozen ones (the VAE, a frozen text encoder) are a
-separate, non-donated argument.
+tree mode. What trains lives in `params`: whole trainable modules, or with LoRA only their adapters
+(`split_trainable`, `trainable_variables`); the rest (the VAE, a frozen text encoder, the base weights
+under adapters) is a separate, non-donated argument.
 
 Objectives:
   diffusion    latents = to_latents(vae.encode(images) (mean, or a posterior sample)); t ~ U[t_min, t_max);
@@ -33,6 +34,7 @@ from flax import nnx
 
 from sdjax import schedulers
 from sdjax.autoencoder import sample_latent, to_latents
+from sdjax.prompts import encode_prompts
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -50,9 +52,28 @@ def split_modules(modules: dict[str, nnx.Module]) -> tuple[dict, dict]:
     return graphdefs, states
 
 
-def merge_modules(graphdefs: dict, states: dict) -> dict[str, nnx.Module]:
-    """The inverse of `split_modules` (states may hold a subset of the names: those are built)."""
-    return {name: nnx.merge(graphdefs[name], state) for name, state in states.items()}
+def merge_modules(graphdefs: dict, states: dict, *more: dict) -> dict[str, nnx.Module]:
+    """The inverse of `split_modules` (states may hold a subset of the names: those are built); with more state
+    dicts (`split_trainable`'s two parts), each module is built from its parts in all of them."""
+    names = dict.fromkeys(name for part in (states, *more) for name in part)
+    return {name: nnx.merge(graphdefs[name], *(part[name] for part in (states, *more) if name in part))
+            for name in names}
+
+
+def split_trainable(graphdefs: dict, states: dict, trainable: tuple[str, ...], wrt=...) -> tuple[dict, dict]:
+    """{name: pure state} -> (params, frozen): the `wrt` variables (an nnx filter) of the `trainable` modules, and
+    everything else. wrt=... (everything) trains whole modules; nnx.LoRAParam only their adapters (sdjax.lora),
+    the rest of those modules joining the frozen ones. `merge_modules(graphdefs, frozen, params)` rebuilds them."""
+    if wrt is ...:
+        return ({name: states[name] for name in trainable},
+                {name: state for name, state in states.items() if name not in trainable})
+    params, frozen = {}, dict(states)
+    for name in trainable:
+        _, train, rest = nnx.split(nnx.merge(graphdefs[name], states[name]), wrt, ...)
+        params[name], frozen[name] = nnx.to_pure_dict(train), nnx.to_pure_dict(rest)
+        if not jax.tree.leaves(params[name]):
+            raise ValueError(f"nothing of the {name} trains: it has no {wrt} variables")
+    return params, frozen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,7 +199,8 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
     """loss_fn(modules, batch, rng) -> (loss, metrics) for `cfg.stage`.
 
     Diffusion batches hold "images" (B, R, R, 3) in [-1, 1] or cached "latent_mean"/"latent_logvar", and
-    "input_ids" (B, 77) or cached "context". `latent_scaling` is the VAE's (scaling_factor, shift_factor),
+    "input_ids" (B, 77) or (B, chunks, 77) with optional "token_weights" (`sdjax.prompts.CaptionTokenizer`), or
+    cached "context". `latent_scaling` is the VAE's (scaling_factor, shift_factor),
     `vae_config.latent_scaling`: the loss sees `sdjax.autoencoder.to_latents(z, latent_scaling)`, as the pipeline.
     """
     if cfg.stage == "autoencoder":
@@ -215,7 +237,8 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
         if "context" in batch:
             context = batch["context"]
         else:
-            context = modules["text_encoder"](batch["input_ids"], clip_skip=cfg.model.clip_skip)
+            context = encode_prompts(modules["text_encoder"], batch["input_ids"], batch.get("token_weights"),
+                                     clip_skip=cfg.model.clip_skip)  # (B, 77 chunks, D)
         loss, aux = diffusion_loss(modules["unet"], latents, context, k_loss, jnp.asarray(alphas_cumprod),
                                    prediction_type=prediction_type, min_snr_gamma=obj.min_snr_gamma,
                                    offset_noise=obj.offset_noise, t_min=t_min, t_max=t_max,
@@ -346,7 +369,7 @@ def make_train_step(graphdefs: dict, loss_fn: Callable, tx: optax.GradientTransf
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def objective(params):
-            return loss_fn(merge_modules(graphdefs, {**frozen, **params}), batch, rng)
+            return loss_fn(merge_modules(graphdefs, frozen, params), batch, rng)
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -375,6 +398,11 @@ def trainable_modules(cfg) -> tuple[str, ...]:
     if cfg.stage == "autoencoder":
         return ("vae",)
     return ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
+
+
+def trainable_variables(cfg):
+    """What of the trainable modules trains (an nnx filter): everything, or with lora.rank > 0 their adapters."""
+    return nnx.LoRAParam if cfg.lora.rank > 0 else ...
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -415,13 +443,6 @@ class Models:
     tokenizer: Any
     scheduler_config: dict
     vae_config: Any            # the VAE's AutoencoderKLConfig (latent scaling)
-    abstract: dict = dataclasses.field(default_factory=dict)  # {name: ShapeDtypeStructs} of what init_fn makes
-
-    def abstract_states(self) -> dict:
-        """ShapeDtypeStructs of every module's state."""
-        out = dict(self.abstract)
-        out.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.loaded))
-        return out
 
 
 def build_models(cfg) -> Models:
@@ -473,8 +494,7 @@ def build_models(cfg) -> Models:
 
     vae = loaded_modules.get("vae", abstract.get("vae"))
     return Models(graphdefs, {name: states[name] for name in names if name in loaded_modules},
-                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config,
-                  abstract={name: states[name] for name in random_names})
+                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config)
 
 
 # ---------------------------------------------------------------------------------------------------------

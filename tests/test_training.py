@@ -524,7 +524,8 @@ def test_tfds_needs_the_data_extra(monkeypatch, tmp_path):
     assert tfds._to_text(np.array(b"a cat", dtype=object)) == "a cat"
 
 
-CONFIGS = ("train_base", "tiny", "finetune_sd15", "finetune_sd21", "train_autoencoder", "train_scratch")
+CONFIGS = ("train_base", "tiny", "finetune_sd15", "finetune_sd21", "train_autoencoder", "train_scratch", "lora_sd15",
+           "lora_shapes")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
