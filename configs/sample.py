@@ -43,7 +43,7 @@ def get_config():
     c.clip_skip = 0              # diffusers' clip_skip (A1111's "Clip skip" minus 1)
     c.emphasis = "Original"      # A1111's "(word:1.3)" / "[word]" / BREAK: Original | No norm | Ignore | None (= text)
     c.embeddings = ""            # textual inversion files (.pt / .bin / .safetensors), comma-separated; a prompt
-                                 # uses each by its file's name (sdjax.textual_inversion)
+                                 # uses each by its name: an A1111 file's stem, a diffusers file's token (sdjax.textual_inversion)
     c.lora = ""                  # LoRA files (kohya / A1111 .safetensors, diffusers folders) as PATH[:SCALE],
                                  # comma-separated: each becomes a <lora:NAME:SCALE> tag (NAME: its file's stem)
                                  # added to every prompt (sdjax.lora)

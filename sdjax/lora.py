@@ -130,7 +130,7 @@ def default_name(path: str | os.PathLike) -> str:
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or name.startswith("_") or hasattr(nnx.Dict, name):
         raise ValueError(f"{name!r} cannot name an adapter (empty, starting with _, or a method of nnx.Dict): "
-                         "pass another name=")
+                         "pass another name= (sample.py: rename the file)")
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -202,8 +202,10 @@ def save_lora(target, path: str | os.PathLike, *, format: str = "diffusers", nam
     if format == "diffusers":
         tensors, metadata = lora_files.to_diffusers(out)
     else:
-        text_encoder = components(target).get("text_encoder")
-        v2 = text_encoder is not None and text_encoder.config.family == "sd2"
+        parts = components(target)  # SD 2.x (ss_v2, A1111's version tag): 1024-wide text, read off either model
+        text_encoder, unet = parts.get("text_encoder"), parts.get("unet")
+        v2 = (text_encoder.config.family == "sd2" if text_encoder is not None
+              else getattr(getattr(unet, "config", None), "cross_attention_dim", None) == 1024)
         tensors, metadata = lora_files.to_kohya(out, v2=v2)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, path, metadata)
@@ -211,11 +213,13 @@ def save_lora(target, path: str | os.PathLike, *, format: str = "diffusers", nam
 
 
 def add_lora(module: nnx.Module, name: str, *, rank: int, targets: Sequence[str], key: jax.Array,
-             alpha: float | None = None, scale: float = 1.0) -> list[str]:
+             alpha: float | None = None, scale: float = 1.0, dtype=None) -> list[str]:
     """New adapters on the layers of `module` whose path is a target or ends with "." + a target (PEFT's rule:
     "to_q" is every attention's to_q, "attn2.to_q" the cross-attentions'), initialised as PEFT and kohya do: down
     Kaiming-uniform (bound 1 / sqrt(fan_in)), up zero, so the model is unchanged until trained. alpha defaults to
-    the rank (scale 1). Returns the adapted paths."""
+    the rank (scale 1). dtype: of the adapters' weights (default: each layer's kernel's; training wants float32
+    over a bfloat16 base, as PEFT's autocast_adapter_dtype: a bf16 adapter rounds small updates away; the
+    adapters run in the layer's compute dtype either way). Returns the adapted paths."""
     _check_name(name)
     found = adaptable_layers(module)
     paths = [p for p in found if any(p == t or p.endswith("." + t) for t in targets)]
@@ -234,10 +238,10 @@ def add_lora(module: nnx.Module, name: str, *, rank: int, targets: Sequence[str]
     starts = np.cumsum([0, *sizes])
     for path, (down_shape, up_shape), start, size in zip(paths, shapes, starts, sizes):
         layer = found[path]
-        dtype = layer.kernel.get_value().dtype
+        own = layer.kernel.get_value().dtype if dtype is None else dtype
         bound = 1.0 / np.sqrt(np.prod(down_shape[:-1]))
-        down = (unit[start:start + size].reshape(down_shape) * bound).astype(dtype)
-        layer.add_lora(name, layers.LoRA(jnp.asarray(down), jnp.asarray(np.zeros(up_shape, dtype)),
+        down = (unit[start:start + size].reshape(down_shape) * bound).astype(own)
+        layer.add_lora(name, layers.LoRA(jnp.asarray(down), jnp.asarray(np.zeros(up_shape, own)),
                                          alpha=rank if alpha is None else alpha, scale=scale))
     return paths
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sdjax import lora
@@ -33,16 +34,23 @@ ADAPTER = "default"  # the adapters' name in the modules (PEFT's); lora.name nam
 _INIT_STREAM, _DROPOUT_STREAM = 0x4C6F5241, 0x44726F70  # fold_in constants: "LoRA", "Drop"
 
 
+def _names(value) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    return tuple(t.strip() for item in items for t in item.split(",") if t.strip())
+
+
 def targets(cfg) -> dict[str, tuple[str, ...]]:
     """{module: layer names} to adapt: lora.targets on the UNet, and lora.text_encoder_targets on the text encoder
     when it trains (train_text_encoder). A name is a path suffix ("to_q", "attn2.to_q"); "a,b" is two names."""
-    def names(value):
-        items = (value,) if isinstance(value, str) else value
-        return tuple(t.strip() for item in items for t in item.split(",") if t.strip())
-    out = {"unet": names(cfg.lora.targets)}
+    out = {"unet": _names(cfg.lora.targets)}
     if cfg.train_text_encoder:
-        out["text_encoder"] = names(cfg.lora.text_encoder_targets)
+        out["text_encoder"] = _names(cfg.lora.text_encoder_targets)
     return out
+
+
+# configs/train_base.py's lora block without the rank (tests/test_lora_training.py checks that they agree)
+DEFAULTS = dict(alpha=0.0, targets=("to_q", "to_k", "to_v", "to_out.0"),
+                text_encoder_targets=("q_proj", "k_proj", "v_proj", "out_proj"), dropout=0.0, name="")
 
 
 def check_config(cfg) -> None:
@@ -50,7 +58,12 @@ def check_config(cfg) -> None:
     c = cfg.lora
     if c.rank < 0:
         raise ValueError(f"lora.rank={c.rank}: 0 trains the whole model, > 0 low-rank adapters of that rank")
-    if c.rank == 0:
+    if c.rank == 0:  # then a lora setting changed from its default would do nothing: say so
+        given = {k: _names(c[k]) if k.endswith("targets") else c[k] for k in DEFAULTS if k in c}
+        changed = sorted(k for k, value in given.items() if value != DEFAULTS[k])
+        if changed:
+            raise ValueError(f"lora.{changed[0]} is set but lora.rank is 0 (full fine-tuning): set --config.lora.rank "
+                             "(e.g. 4) to train adapters, or drop the lora settings")
         return
     if cfg.stage != "diffusion":
         raise ValueError("lora.rank > 0 trains adapters on the UNet and text encoder: stage must be 'diffusion'")
@@ -87,7 +100,7 @@ def add_adapters(graphdefs: dict, states: dict, cfg, *, pretrained=None) -> tupl
                         "pretrained model)", name)
         module = nnx.merge(graphdefs[name], states[name])
         paths = lora.add_lora(module, ADAPTER, rank=c.rank, targets=layer_names, key=jax.random.fold_in(key, i),
-                              alpha=c.alpha or None)
+                              alpha=c.alpha or None, dtype=jnp.float32)  # fp32 over a bf16 base too
         for adapter in adapters(module):
             adapter.dropout = float(c.dropout)  # static: part of the graph the step compiles
         graphdefs[name], state = nnx.split(module)

@@ -16,8 +16,10 @@ tokens back, the chunk ends after that comma and the tokens since move to the ne
 embedding of several vectors is not split over two chunks. Each chunk is BOS + 75 + EOS laid out as the
 checkpoint's tokenizer pads (`pipe.tokenizer`: SD 1.x pads with EOS, SD 2.x with "!" = 0) and goes through the
 text encoder alone; the chunks' outputs are concatenated along the sequence, (B, 77 k, D), which the UNet's
-cross-attention reads at any length. In a batch every prompt has the batch's chunk count: shorter ones get
-empty chunks (the encoding of "") after theirs, as in A1111.
+cross-attention reads at any length. In a batch every prompt and negative prompt has the batch's chunk count:
+shorter ones get empty chunks (the encoding of "") after theirs. A1111 pads a prompt and its negative prompt so
+with its "Pad prompt/negative prompt" option on; by default it runs them through the UNet apart when their
+lengths differ, which sdjax does not (one batched program).
 
 Emphasis (A1111's "Original"), per chunk, on the text encoder's output z (77, D) (the layer `clip_skip` picks,
 final-layer-normed) with the tokens' weights w (77,) (BOS, EOS and padding weigh 1):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import train_base
 from sdjax import layers, lora, lora_training, training
 from sdjax.weights.torch_names import BASE_PARAMS
 from tests.test_train_script import cache_dir, checkpoint_state, checkpoints, losses, tiny_config, train_module  # noqa: F401
@@ -246,9 +247,33 @@ def test_lora_settings_are_checked_before_anything_is_built(tmp_path, small):
         small.main(tiny_config(tmp_path, stage="autoencoder", **LORA))
     with pytest.raises(ValueError, match=r"LoRA targets \['to_z'\] match no layer"):
         small.main(tiny_config(tmp_path, **{**LORA, "lora.targets": ("to_q", "to_z")}))
+    with pytest.raises(ValueError, match=r"lora.alpha is set but lora.rank is 0"):
+        small.main(tiny_config(tmp_path, **{"lora.alpha": 8.0}))
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
+    base = train_base.get_config().lora
+    assert {k: tuple(base[k]) if k.endswith("targets") else base[k] for k in lora_training.DEFAULTS} == \
+        lora_training.DEFAULTS and base.rank == 0
     config = tiny_config(tmp_path, **LORA)
     config.lock()
     with pytest.raises(AttributeError, match="rnak"):
         config.lora.rnak = 4  # what --config.lora.rnak=4 does: an unknown field is an error
     assert lora_training.file_name(tiny_config(tmp_path / "my_style", **{**LORA, "lora.name": ""})) == "my_style"
+
+
+def test_adapters_over_a_bfloat16_base_are_float32():
+    """A bf16 adapter rounds small updates away (PEFT keeps adapters in fp32 for that): add_lora(dtype=) and
+    train.py's add_adapters ask for float32; the layer still computes in its own dtype."""
+    class Block(nnx.Module):
+        def __init__(self):
+            self.to_q = layers.linear(8, 8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+    block = Block()
+    lora.add_lora(block, "default", rank=2, targets=("to_q",), key=jax.random.key(0), dtype=jnp.float32)
+    adapter = block.to_q.lora["default"]
+    assert adapter.down.get_value().dtype == adapter.up.get_value().dtype == jnp.float32
+    assert block.to_q(jnp.ones((1, 8), jnp.bfloat16)).dtype == jnp.bfloat16
+    graphdefs, states = lora_training.add_adapters(
+        {"unet": nnx.graphdef(Block())}, {"unet": nnx.to_pure_dict(nnx.state(Block()))},
+        types.SimpleNamespace(lora=types.SimpleNamespace(rank=2, alpha=0.0, dropout=0.0, targets=("to_q",)),
+                              seed=0, train_text_encoder=False))
+    assert states["unet"]["to_q"]["lora"]["default"]["down"].dtype == jnp.float32

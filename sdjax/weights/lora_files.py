@@ -174,7 +174,8 @@ def _fit(layer, down, up, down_key, up_key, what):
     if len(want_up) == 4 and up.ndim == 2:
         up = up[:, :, None, None]
     if tuple(down.shape) != want_down:
-        raise ValueError(f"{what}: {down_key} has shape {tuple(down.shape)}, the layer needs {want_down}")
+        raise ValueError(f"{what}: {down_key} has shape {tuple(down.shape)}, the layer needs {want_down} (a LoRA made "
+                         "for another base model, e.g. SD 2.x for SD 1.x? Use it with the model it was trained on)")
     if tuple(up.shape) != want_up:
         raise ValueError(f"{what}: {up_key} has shape {tuple(up.shape)}, the layer needs {want_up} "
                          f"(rank {rank} from {down_key})")
