@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -45,7 +44,7 @@ from flax import nnx
 
 from sdjax import layers
 from sdjax.weights import lora_files
-from sdjax.weights.safetensors_io import read_metadata, write_safetensors
+from sdjax.weights.safetensors_io import data_offset, read_metadata, write_safetensors
 from sdjax.weights.torch_names import kernel_from_torch, kernel_to_torch
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
@@ -354,7 +353,7 @@ def lora_hash(path: str | os.PathLike) -> str:
             stored = read_metadata(file).get("sshs_model_hash")
             if stored:
                 return stored[:12]
-            f.seek(8 + struct.unpack("<Q", f.read(8))[0])
+            f.seek(data_offset(file))
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:12]

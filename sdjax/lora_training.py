@@ -101,7 +101,7 @@ def add_adapters(graphdefs: dict, states: dict, cfg, *, pretrained=None) -> tupl
         module = nnx.merge(graphdefs[name], states[name])
         paths = lora.add_lora(module, ADAPTER, rank=c.rank, targets=layer_names, key=jax.random.fold_in(key, i),
                               alpha=c.alpha or None, dtype=jnp.float32)  # fp32 over a bf16 base too
-        for adapter in adapters(module):
+        for adapter in adapter_layers(module):
             adapter.dropout = float(c.dropout)  # static: part of the graph the step compiles
         graphdefs[name], state = nnx.split(module)
         states[name] = nnx.to_pure_dict(state)
@@ -109,7 +109,7 @@ def add_adapters(graphdefs: dict, states: dict, cfg, *, pretrained=None) -> tupl
     return graphdefs, states
 
 
-def adapters(module: nnx.Module) -> list:
+def adapter_layers(module: nnx.Module) -> list:
     """The training adapters (sdjax.layers.LoRA) of a module, in layer order."""
     return [layer.lora[ADAPTER] for layer in lora.adaptable_layers(module).values()
             if layer.lora is not None and ADAPTER in layer.lora]
@@ -120,7 +120,7 @@ def with_dropout(loss_fn: Callable) -> Callable:
     step's rng; the loss's own draws (noise, timesteps) are those of the run without dropout."""
     def loss(modules, batch, rng):
         key = jax.random.fold_in(rng, _DROPOUT_STREAM)
-        for i, adapter in enumerate(a for module in modules.values() for a in adapters(module)):
+        for i, adapter in enumerate(a for module in modules.values() for a in adapter_layers(module)):
             adapter.dropout_key = jax.random.fold_in(key, i)
         return loss_fn(modules, batch, rng)
     return loss

@@ -109,7 +109,7 @@ def test_only_the_adapters_train_and_their_files_load_back(tmp_path, small):
     base = nnx.to_pure_dict(nnx.state(small_unet(0), nnx.Param))
     trained = modules["unet"]
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(trained, BASE_PARAMS)), base)  # bit for bit
-    adapters = lora_training.adapters(trained)
+    adapters = lora_training.adapter_layers(trained)
     assert len(adapters) == 4 and all(a.rank == 2 and a.alpha == 4.0 and a.dropout == 0.25 for a in adapters)
     assert all(np.abs(np.asarray(a.up[...])).max() > 1e-4 for a in adapters)  # up starts at zero: it trained
 
@@ -174,12 +174,12 @@ def test_adapter_dropout_acts_in_training_only():
     config = tiny_config("unused", **LORA)
     graphdefs, states = lora_training.add_adapters(*training.split_modules({"unet": small_unet(0)}), config)
     modules = training.merge_modules(graphdefs, states)
-    adapter = lora_training.adapters(modules["unet"])[0]
+    adapter = lora_training.adapter_layers(modules["unet"])[0]
     x = jnp.ones((64, 64))
     assert adapter.dropout == 0.25 and adapter.dropout_key is None and adapter.dropped(x) is x
 
     def keys_and_rng(modules, batch, rng):  # a "loss" that returns what it was given
-        return [a.dropout_key for a in lora_training.adapters(modules["unet"])], rng
+        return [a.dropout_key for a in lora_training.adapter_layers(modules["unet"])], rng
 
     keys, rng = lora_training.with_dropout(keys_and_rng)(modules, {}, jax.random.key(3))
     np.testing.assert_array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(3)))
@@ -216,7 +216,7 @@ def test_unet_and_text_encoder_adapters_export_and_load_back(tmp_path):
         lambda p, x: rng.normal(0, 0.2, x.shape).astype(x.dtype) if "'up'" in jax.tree_util.keystr(p) else x, states)
     trained = training.merge_modules(graphdefs, states)
     # 4 transformer blocks (down, mid, 2 up) x attn1 / attn2 x q, k, v, out; 1 text encoder layer x q, k, v, out
-    assert [len(lora_training.adapters(trained[k])) for k in ("unet", "text_encoder")] == [32, 4]
+    assert [len(lora_training.adapter_layers(trained[k])) for k in ("unet", "text_encoder")] == [32, 4]
     written = lora_training.export(trained, tmp_path / "lora", name="style")
     ids = jnp.asarray(np.arange(8)[None], jnp.int32)
     sample, t = jax.random.normal(jax.random.key(0), (1, 8, 8, 4)), jnp.array([500])

@@ -41,6 +41,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return _read_header(os.fspath(path))[1].get("__metadata__") or {}
 
 
+def data_offset(path: str | os.PathLike) -> int:
+    """Where the tensor bytes start: after the 8-byte length and the JSON header (checked as read_metadata does)."""
+    return 8 + _read_header(os.fspath(path))[0]
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """{name: array} of a .safetensors file; arrays are read-only views of a memory map (read ahead: the kernel
     starts reading the whole file at once, so a load is not one page fault per 4 KB)."""
