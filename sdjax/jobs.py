@@ -99,6 +99,11 @@ def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dic
     return [s for s, p in zip(slots, agreed[:-1]) if p]
 
 
+# Fields the PNG carries only when they are not the default: an image that has one and a job that does not set it
+# (or the other way round) differ.
+OPTIONAL_FIELDS = ("Clip skip", "Emphasis")
+
+
 def known_settings(config) -> dict[str, str]:
     """The PNG `parameters` fields a sampling config fixes before its model is loaded (as a1111_parameters writes
     them): the sampler and size only where the config names them (else they come from the checkpoint)."""
@@ -158,6 +163,7 @@ def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir:
                     "Image index": str(slot.index), **settings}
         found = {"prompt": prompt, "negative prompt": negative, **fields}
         differ = [f"{k} {found.get(k, '(none)')!r} here, {v!r} now" for k, v in expected.items() if found.get(k) != v]
+        differ += [f"{k} {found[k]!r} here, (none) now" for k in OPTIONAL_FIELDS if k in found and k not in expected]
         if differ:
             return (f"{path} was made by another job ({'; '.join(differ)}): use another --config.output_dir, or "
                     f"delete the old images to regenerate them")

@@ -88,11 +88,21 @@ def test_images_of_another_job_in_the_output_folder_stop_the_run(files, tmp_path
     assert jobs.agreed_pending(jobs.image_slots(["a red circle"]), tmp_path / "out", jobs.known_settings(config)) == []
     for change, differs in (({"steps": 3}, "Steps '2' here, '3' now"),
                             ({"sampler": "DDIM"}, "Sampler 'Euler a' here, 'DDIM' now"),
-                            ({"guidance_scale": 4.0}, "CFG scale '7.5' here, '4.0' now")):
+                            ({"guidance_scale": 4.0}, "CFG scale '7.5' here, '4.0' now"),
+                            ({"emphasis": "No norm"}, "Emphasis '(none)' here, 'No norm' now")):
         with pytest.raises(jobs.ConfigError) as error:
             jobs.run(sampling_config(files, tmp_path, **{"sampler": "Euler a", **change}))
         assert str(error.value).startswith(f"{tmp_path / 'out' / slot.filename()} was made by another job (")
         assert differs in str(error.value) and "use another --config.output_dir" in str(error.value)
+    # a field the image has and this job leaves at its default differs too
+    params = jobs.a1111_parameters(slot, steps=2, sampler="Euler a", cfg_scale=7.5, width=32, height=32, model="tiny",
+                                   extra={"Clip skip": "2", "Emphasis": "No norm"})
+    jobs.save_png(np.zeros((32, 32, 3), np.uint8), tmp_path / "out" / slot.filename(), params)
+    with pytest.raises(jobs.ConfigError, match=r"Clip skip '2' here, \(none\) now; Emphasis 'No norm' here"):
+        jobs.run(config)
+    assert jobs.agreed_pending(jobs.image_slots(["a red circle"]), tmp_path / "out",
+                               jobs.known_settings(sampling_config(files, tmp_path, sampler="Euler a", clip_skip=1,
+                                                                   emphasis="No norm"))) == []
 
 
 def test_guidance_up_to_1_is_recorded_as_what_ran():
