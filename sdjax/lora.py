@@ -373,11 +373,24 @@ def parse_lora_setting(text: str) -> list[tuple[str, float]]:
     return out
 
 
+def _output_name(path: Path) -> str | None:
+    try:
+        return read_metadata(path).get("ss_output_name")
+    except ValueError:  # not a readable safetensors file: not this LoRA
+        return None
+
+
 def find_lora(name: str, folder: str | os.PathLike) -> Path:
-    """The file of the LoRA a prompt tag names: NAME.safetensors (or .pt, .ckpt, ...) anywhere under `folder`."""
-    found = sorted(p for p in Path(folder).rglob("*") if p.stem == name and p.suffix.lower() in SUFFIXES)
+    """The file of the LoRA a prompt tag names: NAME.safetensors (or .pt, .ckpt, ...) anywhere under `folder`, else
+    the .safetensors file whose kohya metadata `ss_output_name` is NAME (A1111's alias: prompts copied from it or
+    from model sites name LoRAs so)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    found = [p for p in files if p.stem == name]
     if not found:
-        raise FileNotFoundError(f"no LoRA file named {name} (.safetensors, .pt, ...) under {folder}")
+        found = [p for p in files if p.suffix.lower() == ".safetensors" and _output_name(p) == name]
+    if not found:
+        raise FileNotFoundError(f"no LoRA file named {name} (.safetensors, .pt, ...), nor one whose ss_output_name "
+                                f"is {name}, under {folder}")
     if len(found) > 1:
         raise ValueError(f"{len(found)} files could be LoRA {name!r} under {folder}: "
                          f"{', '.join(str(p) for p in found[:3])}")

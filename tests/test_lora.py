@@ -498,3 +498,18 @@ def dict_update(config, change):
     config = copy.deepcopy(config)
     config.update(change)
     return config
+
+
+def test_a_prompt_tag_finds_a_lora_by_file_name_or_by_its_alias(tmp_path):
+    """<lora:NAME> is NAME.safetensors under lora_dir, else the file whose ss_output_name is NAME (A1111's alias)."""
+    from sdjax.weights.safetensors_io import write_safetensors
+
+    tensors = {"lora_unet_x.alpha": np.ones((), np.float32)}
+    (tmp_path / "sub").mkdir()
+    write_safetensors(tensors, tmp_path / "sub" / "detail_v2-000010.safetensors", {"ss_output_name": "add_detail"})
+    write_safetensors(tensors, tmp_path / "style.safetensors", {})
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    assert lora.find_lora("style", tmp_path) == tmp_path / "style.safetensors"
+    assert lora.find_lora("add_detail", tmp_path) == tmp_path / "sub" / "detail_v2-000010.safetensors"
+    with pytest.raises(FileNotFoundError, match="nor one whose ss_output_name is nothing"):
+        lora.find_lora("nothing", tmp_path)
