@@ -96,11 +96,13 @@ class _Adaptable:
     """What Linear and Conv share: named adapters in `self.lora` (an nnx.Dict, None without any), added to the
     output unless they are fused into the kernel (then `self.unfused_kernel` holds the kernel as it was)."""
 
-    def _init_adapters(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # the nnx layer's own
         self.lora = nnx.data(None)
         self.unfused_kernel = nnx.data(None)
 
-    def _with_adapters(self, x, y):
+    def __call__(self, x):
+        y = super().__call__(x)
         if self.lora is None or self.unfused_kernel is not None:
             return y
         for adapter in self.lora.values():
@@ -153,13 +155,6 @@ class _Adaptable:
 class Linear(_Adaptable, nnx.Linear):
     """nnx.Linear that can carry low-rank adapters (`LoRA`, named, any number; see sdjax.lora)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_adapters()
-
-    def __call__(self, x):
-        return self._with_adapters(x, super().__call__(x))
-
     def _down(self, x, down):
         return jnp.matmul(x, down)
 
@@ -170,13 +165,6 @@ class Linear(_Adaptable, nnx.Linear):
 
 class Conv(_Adaptable, nnx.Conv):
     """nnx.Conv (2-D, NHWC) that can carry low-rank adapters (`LoRA`: a conv down, a 1x1 conv up; see sdjax.lora)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_adapters()
-
-    def __call__(self, x):
-        return self._with_adapters(x, super().__call__(x))
 
     def _down(self, x, down):
         return jax.lax.conv_general_dilated(x, down, self.strides, self.padding,
