@@ -180,17 +180,10 @@ def chunk_tokens(tokenizer, prompt: str, *, emphasis: str = "Original",
     return chunks
 
 
-def _row(tokenizer, ids: Sequence[int]) -> np.ndarray:
-    """BOS, the ids, EOS, then the tokenizer's pad id up to 77: the layout of `tokenizer(prompt)`."""
-    row = np.full(CHUNK_LENGTH + 2, tokenizer.pad_token_id, np.int32)
-    row[:len(ids) + 2] = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
-    return row
-
-
 def prompt_chunks(tokenizer, prompt: str, *, emphasis: str = "Original") -> tuple[np.ndarray, np.ndarray]:
     """One prompt as (ids int32 (k, 77), weights float32 (k, 77)): k chunks, each BOS + 75 + EOS, padded."""
     chunks = chunk_tokens(tokenizer, prompt, emphasis=emphasis)
-    ids = np.stack([_row(tokenizer, c) for c, _ in chunks])
+    ids = np.stack([tokenizer.row(c) for c, _ in chunks])
     weights = np.ones(ids.shape, np.float32)
     for row, (_, w) in zip(weights, chunks):
         row[1:len(w) + 1] = w
@@ -200,7 +193,7 @@ def prompt_chunks(tokenizer, prompt: str, *, emphasis: str = "Original") -> tupl
 def _padded(tokenizer, ids: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, weights) of one prompt with empty chunks (the encoding of "") added up to k chunks."""
     extra = k - len(ids)
-    return (np.concatenate([ids, np.repeat(_row(tokenizer, [])[None], extra, axis=0)]),
+    return (np.concatenate([ids, np.repeat(tokenizer.row([])[None], extra, axis=0)]),
             np.concatenate([weights, np.ones((extra, ids.shape[1]), np.float32)]))
 
 
@@ -270,7 +263,7 @@ class CaptionTokenizer:
             for caption, ids in zip(captions, self.tokenizer.encode(captions)):
                 if len(ids) > CHUNK_LENGTH:
                     self._cut(caption, f"{len(ids) - CHUNK_LENGTH} of its {len(ids)} tokens")
-                rows.append(_row(self.tokenizer, ids[:CHUNK_LENGTH]))
+                rows.append(self.tokenizer.row(ids[:CHUNK_LENGTH]))
             return {"input_ids": np.stack(rows)}
         emphasis = "Original" if self.weighted else "None"
         ids, weights = [], []

@@ -121,7 +121,14 @@ class CLIPTokenizer:
                               f"(CLIP reads at most {keep} tokens; sdjax.prompts.tokenize_prompts, which the pipeline "
                               f"uses, keeps them all in 77-token chunks): {prompt[:60]!r}...", stacklevel=2)
                 ids = ids[:keep]
-            out[row, :len(ids) + 2] = [self.bos_token_id, *ids, self.eos_token_id]
+            out[row] = self.row(ids)
+        return out
+
+    def row(self, ids) -> np.ndarray:
+        """BOS, `ids` (at most model_max_length - 2), EOS, then the pad id: one prompt's int32 row as the text
+        encoder reads it (sdjax.prompts lays out each 77-token chunk with this too)."""
+        out = np.full(self.model_max_length, self.pad_token_id, np.int32)
+        out[:len(ids) + 2] = [self.bos_token_id, *ids, self.eos_token_id]
         return out
 
     def save(self, folder: str | os.PathLike) -> None:
