@@ -234,6 +234,7 @@ def main(config, *, sample_fn=None) -> dict:
     if restored is not None:
         state, meta = restored
         del params
+        lora_training.check_resume(config, meta)
         if (meta.get("batch_size"), meta.get("seed")) != (config.batch_size, config.seed):
             log.warning("resuming with batch_size/seed %s/%s (checkpoint: %s/%s): the data order changes",
                         config.batch_size, config.seed, meta.get("batch_size"), meta.get("seed"))
@@ -370,7 +371,8 @@ def main(config, *, sample_fn=None) -> dict:
                     Image.fromarray(grid).save(workdir / "previews" / f"step_{step:07d}.png")
             if save:
                 ckpt.save(done, state, {"step": step, "micro_step": done, "data_step": done, "seed": config.seed,
-                                        "batch_size": config.batch_size, "init_from": config.model.init_from})
+                                        "batch_size": config.batch_size, "init_from": config.model.init_from,
+                                        **lora_training.checkpoint_meta(config)})
                 if config.lora.rank:
                     export_adapters()
             if preempted:

@@ -100,14 +100,15 @@ class Checkpointer:
             tree = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree
         except Exception:  # unreadable metadata: restore() finds the damage and says so
             return
-        saved = sorted(tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "shape"))
-        wanted = sorted(tuple(np.shape(x)) for x in jax.tree.leaves(abstract_state))
+        saved, wanted = _arrays(tree), _arrays(abstract_state)
         if saved != wanted:
-            count = sum(int(np.prod(s)) for s in saved)
+            count = sum(int(np.prod(s)) for s in saved.values())
+            differ = sorted(saved.keys() ^ wanted.keys()) or sorted(k for k in saved if saved[k] != wanted[k])
             raise ValueError(f"{self.directory} holds checkpoints of a different model ({len(saved)} arrays, "
                              f"{count:,} values; this config's train state has {len(wanted)} arrays, "
-                             f"{sum(int(np.prod(s)) for s in wanted):,} values): use another --config.workdir, or "
-                             f"move {self.directory} away to start this model from the beginning")
+                             f"{sum(int(np.prod(s)) for s in wanted.values()):,} values; first difference: "
+                             f"{differ[0]}): use another --config.workdir, or move {self.directory} away to start "
+                             f"this model from the beginning")
 
     def wait(self) -> None:
         with self._disk_errors():
@@ -117,6 +118,17 @@ class Checkpointer:
         with self._disk_errors():
             self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _arrays(tree) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of a train state's arrays (a checkpoint's metadata tree, or the state itself): two states
+    that differ only in which layers hold adapters of one shape differ here."""
+    def name(key):
+        return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(map(name, path)): tuple(np.shape(x) if not hasattr(x, "shape") else x.shape)
+            for path, x in leaves if hasattr(x, "shape")}
 
 
 def _short(error: Exception, limit: int = 300) -> str:

@@ -82,6 +82,20 @@ def check_config(cfg) -> None:
                          "diffusers file's name")
 
 
+def checkpoint_meta(cfg) -> dict:
+    """What a checkpoint records of the adapters beyond their arrays: the scale alpha / rank they trained under."""
+    return {"lora_alpha": float(cfg.lora.alpha or cfg.lora.rank)} if cfg.lora.rank else {}
+
+
+def check_resume(cfg, meta: dict) -> None:
+    """A resume whose lora.alpha differs from the checkpoint's would scale the trained adapters anew: an error."""
+    alpha = checkpoint_meta(cfg).get("lora_alpha")
+    if alpha is not None and meta.get("lora_alpha", alpha) != alpha:
+        raise ValueError(f"lora.alpha={cfg.lora.alpha:g} (scale alpha / rank = {alpha / cfg.lora.rank:g}), but the "
+                         f"checkpoints in {cfg.workdir} trained with alpha {meta['lora_alpha']:g}: resume with "
+                         f"--config.lora.alpha={meta['lora_alpha']:g}, or use another --config.workdir")
+
+
 def file_name(cfg) -> str:
     """The kohya file's stem (A1111's name for the LoRA): lora.name, or the workdir's folder name."""
     return cfg.lora.name or Path(cfg.workdir).absolute().name

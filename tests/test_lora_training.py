@@ -165,6 +165,11 @@ def test_killed_run_resumes_with_the_same_losses_and_adapters(tmp_path, small, m
         np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
     for name in ("pytorch_lora_weights.safetensors", "style.safetensors"):
         assert (run / "lora" / name).read_bytes() == (tmp_path / "whole" / "lora" / name).read_bytes()
+    # resuming under another alpha would rescale the trained adapters: one line, nothing moved
+    with pytest.raises(ValueError, match=r"lora.alpha=2 \(scale alpha / rank = 1\), but the checkpoints in .* "
+                                         r"trained with alpha 4: resume with --config.lora.alpha=4"):
+        small.main(tiny_config(run, num_steps=8, **{**LORA, "lora.alpha": 2.0}))
+    assert checkpoints(run) == [2, 4, 6]
 
 
 def test_adapter_dropout_acts_in_training_only():

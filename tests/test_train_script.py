@@ -629,7 +629,7 @@ def test_a_workdir_of_another_model_is_one_line(tmp_path, monkeypatch, train_mod
     monkeypatch.setattr(train_module.training, "build_models", small_models)
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'checkpoints'} holds checkpoints of a different model \(\d+ "
                                          r"arrays, [\d,]+ values; this config's train state has \d+ arrays, [\d,]+ "
-                                         r"values\): use another --config.workdir, or move .* away"):
+                                         r"values; first difference: .*\): use another --config.workdir, or move .* away"):
         train_module.main(tiny_config(tmp_path, num_steps=2))
     assert checkpoints(tmp_path) == [1]
 

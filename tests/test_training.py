@@ -491,6 +491,11 @@ def test_checkpointer_round_trip(tmp_path):
     mesh = sharding.make_mesh()
     target = checkpoint.abstract_with_shardings(state, sharding.param_shardings(mesh, state))
     restored, meta = ckpt.restore(target)
+    assert ckpt.restore_readable(target)[1]["step"] == 3  # the same arrays under the same names
+    # arrays of the same shapes under other names (a LoRA resumed with other targets): an error, nothing moved
+    other = {"step": state["step"], "params": {"unet": {"blocks": {0: {"v": jnp.arange(6.0)}}}}}
+    with pytest.raises(ValueError, match=r"different model .*first difference: params/unet/blocks/0/v\)"):
+        ckpt.restore_readable(checkpoint.abstract_with_shardings(other, sharding.param_shardings(mesh, other)))
     ckpt.close()
     assert meta["step"] == 3 and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
     np.testing.assert_array_equal(restored["params"]["unet"]["blocks"][0]["w"], np.arange(6.0))
