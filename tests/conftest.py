@@ -3,6 +3,8 @@
 * One persistent XLA compilation cache for the whole session: the pytest-xdist controller picks a fresh folder
   and every worker, and every subprocess they start (train.py, sample.py, two-process runs), inherits it through
   the environment, so a program compiles once per session wherever it runs first.
+* The slowest test files run first (SLOW_FIRST): pytest-xdist hands work out in collection order, and a long
+  test started last keeps one core busy after the other has finished.
 * No silent skips: a skipped test fails the session unless its reason starts with one of ACCEPTED_SKIPS (a
   reference that is missing is an install error, not a skip).
 """
@@ -15,6 +17,9 @@ import tempfile
 import pytest
 
 ACCEPTED_SKIPS = ("needs a GPU", "needs a machine without a GPU")
+# The files with the longest tests or groups (CI's --durations list), longest first; the rest keep their order.
+SLOW_FIRST = ("test_shapes_demo.py", "test_train_script.py", "test_sharded_sampling.py", "test_pipeline.py",
+              "test_sample_script.py")
 _CACHE_ENV = "SDJAX_TEST_COMPILATION_CACHE"
 
 
@@ -30,6 +35,14 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order within a file
 
 
 def pytest_unconfigure(config):
