@@ -67,16 +67,18 @@ def pending(slots: list[ImageSlot], output_dir: str | Path, trajectory: bool = F
 
 
 def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dict | None = None,
-                   trajectory: bool = False) -> list[ImageSlot]:
+                   trajectory: bool = False, lora_hashes: dict[str, str] | None = None) -> list[ImageSlot]:
     """`pending` as process 0 sees it, on every process (only process 0 writes the files, and the processes
     must run the same batches: without a shared filesystem the others' folders would not tell what is done).
 
     settings: the PNG `parameters` fields this job fixes (`known_settings`); an image already in the folder that
-    records others was made by another job, and every process stops with a ConfigError that names it."""
+    records others was made by another job, and every process stops with a ConfigError that names it.
+    lora_hashes: {name: hash} of the LoRA files the prompts' tags name (an image records the hashes of its own)."""
     import jax
 
     todo = pending(slots, output_dir, trajectory)
-    conflict = settings_conflict(slots, todo, output_dir, settings) if settings and jax.process_index() == 0 else ""
+    conflict = (settings_conflict(slots, todo, output_dir, settings, lora_hashes)
+                if settings and jax.process_index() == 0 else "")
     if jax.process_count() == 1:
         if conflict:
             raise ConfigError(conflict)
@@ -101,7 +103,7 @@ def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dic
 
 # Fields the PNG carries only when they are not the default: an image that has one and a job that does not set it
 # (or the other way round) differ.
-OPTIONAL_FIELDS = ("Clip skip", "Emphasis")
+OPTIONAL_FIELDS = ("Clip skip", "Emphasis", "Lora hashes")
 
 
 def known_settings(config) -> dict[str, str]:
@@ -145,7 +147,7 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
 
 
 def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir: str | Path,
-                      settings: dict[str, str]) -> str:
+                      settings: dict[str, str], lora_hashes: dict[str, str] | None = None) -> str:
     """"" if every image of `slots` already in `output_dir` records this job's prompt, seed and `settings`; else
     one line naming the first that does not, what differs, and the fix."""
     left = {s.index for s in todo}
@@ -160,7 +162,7 @@ def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir:
             return f"{path} is not a readable PNG ({one_line(e)}): delete it and run again to regenerate it"
         prompt, negative, fields = parse_parameters(text)
         expected = {"prompt": slot.prompt, "negative prompt": slot.negative_prompt, "Seed": str(slot.seed),
-                    "Image index": str(slot.index), **settings}
+                    "Image index": str(slot.index), **settings, **lora_fields(slot.prompt, lora_hashes or {})}
         found = {"prompt": prompt, "negative prompt": negative, **fields}
         differ = [f"{k} {found.get(k, '(none)')!r} here, {v!r} now" for k, v in expected.items() if found.get(k) != v]
         differ += [f"{k} {found[k]!r} here, (none) now" for k in OPTIONAL_FIELDS if k in found and k not in expected]
@@ -168,6 +170,14 @@ def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir:
             return (f"{path} was made by another job ({'; '.join(differ)}): use another --config.output_dir, or "
                     f"delete the old images to regenerate them")
     return ""
+
+
+def lora_fields(prompt: str, hashes: dict[str, str]) -> dict[str, str]:
+    """The `Lora hashes` field of an image of `prompt` (A1111's: "name: hash, ..." of its tags, by name)."""
+    from sdjax.lora import prompt_loras
+
+    tags = sorted(prompt_loras(prompt)[1], key=lambda tag: tag.name)
+    return {"Lora hashes": ", ".join(f"{t.name}: {hashes[t.name]}" for t in tags)} if tags else {}
 
 
 def batches(slots: list[ImageSlot], batch_size: int) -> list[list[ImageSlot]]:
@@ -413,8 +423,8 @@ def _load_model(config):
                                     dict(variant.scheduler))
 
 
-def _add_loras(pipe, files: dict[str, Path]) -> dict[str, str]:
-    """Attach the job's LoRAs (`job_loras`), off until a batch sets its scales; {name: the hash A1111 records}."""
+def _add_loras(pipe, files: dict[str, Path]) -> None:
+    """Attach the job's LoRAs (`job_loras`), off until a batch sets its scales."""
     from sdjax import lora
 
     for name, path in files.items():
@@ -422,7 +432,6 @@ def _add_loras(pipe, files: dict[str, Path]) -> dict[str, str]:
             lora.load_lora(pipe, path, name=name, scale=0.0)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"LoRA {name!r} ({path}): {one_line(e)}") from None
-    return {name: lora.lora_hash(path) for name, path in files.items()}
 
 
 def _make_mesh(config):
@@ -440,7 +449,7 @@ def run(config) -> Path:
     from PIL import Image
     from tqdm import tqdm
 
-    from sdjax import pipeline, schedulers
+    from sdjax import lora, pipeline, schedulers
     from sdjax.lora import PromptLoRA, prompt_loras
     from sdjax.prompts import count_chunks
 
@@ -461,9 +470,11 @@ def run(config) -> Path:
                         num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
     trajectory = config.get("trajectory", 0)
     # before the model: a wrong job stops at once
-    todo = agreed_pending(slots, out_dir, known_settings(config), trajectory=bool(trajectory))
+    lora_hashes = {name: lora.lora_hash(path) for name, path in lora_files.items()}  # what each image records
+    todo = agreed_pending(slots, out_dir, known_settings(config), trajectory=bool(trajectory),
+                          lora_hashes=lora_hashes)
     pipe = load_model(config)
-    lora_hashes = _add_loras(pipe, lora_files)
+    _add_loras(pipe, lora_files)
     layers = pipe.text_encoder.config.num_hidden_layers
     if config.clip_skip >= layers:
         raise ConfigError(f"--config.clip_skip={config.clip_skip}: this text encoder has {layers} layers; use 0 to "
@@ -507,7 +518,6 @@ def run(config) -> Path:
         for name in lora_files:  # the strengths this batch's prompts name; any other LoRA is off (0: no recompiling)
             tag = next((t for t in tags if t.name == name), PromptLoRA(name, 0.0, 0.0))
             pipe.set_lora_scale(name, tag.unet_scale, text_encoder_scale=tag.text_encoder_scale)
-        lora_fields = {"Lora hashes": ", ".join(f"{t.name}: {lora_hashes[t.name]}" for t in tags)} if tags else {}
         n = len(batch)
         batch = batch + [batch[-1]] * (per_batch - n)  # a fixed batch shape: compiled once
         extra = {key: value[:per_batch] for key, value in init.items() if key != "strength"}
@@ -521,7 +531,7 @@ def run(config) -> Path:
                 params = a1111_parameters(slot, steps=config.steps, sampler=sampler,
                                           cfg_scale=effective_guidance(config.guidance_scale), width=width,
                                           height=height, model=Path(config.checkpoint or config.variant).name,
-                                          extra={**extra_fields, **lora_fields})
+                                          extra={**extra_fields, **lora_fields(slot.prompt, lora_hashes)})
                 if frames is not None:  # first: an image on disk has its strip
                     save_png(grid([*frames, image], columns=len(frames) + 1), out_dir / slot.trajectory_filename(),
                              params)

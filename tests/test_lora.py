@@ -493,6 +493,15 @@ def test_sample_job_loras_and_prompt_tags(folder, base, peft_file, kohya_file, t
             jobs.run(dict_update(config, change))
         assert "\n" not in str(error.value)
 
+    from sdjax.weights.safetensors_io import read_safetensors
+
+    other = tmp_path / "retrained"  # a file of the same name with other weights: its images are another job's
+    other.mkdir()
+    write_safetensors({k: v * 2 for k, v in read_safetensors(kohya_file).items()}, other / kohya_file.name)
+    with pytest.raises(jobs.ConfigError, match=r"00000-.*\.png was made by another job \(Lora hashes 'kohya-style: "
+                                               rf"{hashes['kohya-style']}, .* here, 'kohya-style: [0-9a-f]{{12}}, "):
+        jobs.run(dict_update(config, dict(lora_dir=str(other))))
+
 
 def dict_update(config, change):
     config = copy.deepcopy(config)
