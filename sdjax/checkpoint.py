@@ -103,11 +103,13 @@ class Checkpointer:
         saved, wanted = _arrays(tree), _arrays(abstract_state)
         if saved != wanted:
             count = sum(int(np.prod(s)) for s in saved.values())
-            differ = sorted(saved.keys() ^ wanted.keys()) or sorted(k for k in saved if saved[k] != wanted[k])
+            key = min(saved.keys() ^ wanted.keys() or {k for k in saved if saved[k] != wanted[k]})
+            differ = (f"{key}: {saved[key] if key in saved else 'absent'} in the checkpoint, "
+                      f"{wanted[key] if key in wanted else 'absent'} here")
             raise ValueError(f"{self.directory} holds checkpoints of a different model ({len(saved)} arrays, "
                              f"{count:,} values; this config's train state has {len(wanted)} arrays, "
                              f"{sum(int(np.prod(s)) for s in wanted.values()):,} values; first difference: "
-                             f"{differ[0]}): use another --config.workdir, or move {self.directory} away to start "
+                             f"{differ}): use another --config.workdir, or move {self.directory} away to start "
                              f"this model from the beginning")
 
     def wait(self) -> None:

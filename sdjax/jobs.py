@@ -148,8 +148,9 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
 
 def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir: str | Path,
                       settings: dict[str, str], lora_hashes: dict[str, str] | None = None) -> str:
-    """"" if every image of `slots` already in `output_dir` records this job's prompt, seed and `settings`; else
-    one line naming the first that does not, what differs, and the fix."""
+    """"" if every image of `slots` already in `output_dir` records this job's prompt, seed and `settings` (and,
+    given `lora_hashes` {name: hash}, the hashes of the LoRAs its prompt names); else one line naming the first
+    that does not, what differs, and the fix."""
     left = {s.index for s in todo}
     for slot in slots:
         path = Path(output_dir) / slot.filename()
@@ -162,10 +163,15 @@ def settings_conflict(slots: list[ImageSlot], todo: list[ImageSlot], output_dir:
             return f"{path} is not a readable PNG ({one_line(e)}): delete it and run again to regenerate it"
         prompt, negative, fields = parse_parameters(text)
         expected = {"prompt": slot.prompt, "negative prompt": slot.negative_prompt, "Seed": str(slot.seed),
-                    "Image index": str(slot.index), **settings, **lora_fields(slot.prompt, lora_hashes or {})}
+                    "Image index": str(slot.index), **settings}
+        optional = OPTIONAL_FIELDS
+        if lora_hashes is None:  # not given: not checked
+            optional = tuple(k for k in optional if k != "Lora hashes")
+        else:
+            expected.update(lora_fields(slot.prompt, lora_hashes))
         found = {"prompt": prompt, "negative prompt": negative, **fields}
         differ = [f"{k} {found.get(k, '(none)')!r} here, {v!r} now" for k, v in expected.items() if found.get(k) != v]
-        differ += [f"{k} {found[k]!r} here, (none) now" for k in OPTIONAL_FIELDS if k in found and k not in expected]
+        differ += [f"{k} {found[k]!r} here, (none) now" for k in optional if k in found and k not in expected]
         if differ:
             return (f"{path} was made by another job ({'; '.join(differ)}): use another --config.output_dir, or "
                     f"delete the old images to regenerate them")
@@ -470,7 +476,10 @@ def run(config) -> Path:
                         num_images_per_prompt=config.num_images_per_prompt, seed=config.seed)
     trajectory = config.get("trajectory", 0)
     # before the model: a wrong job stops at once
-    lora_hashes = {name: lora.lora_hash(path) for name, path in lora_files.items()}  # what each image records
+    try:
+        lora_hashes = {name: lora.lora_hash(path) for name, path in lora_files.items()}  # what each image records
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"LoRA file: {one_line(e)}") from None
     todo = agreed_pending(slots, out_dir, known_settings(config), trajectory=bool(trajectory),
                           lora_hashes=lora_hashes)
     pipe = load_model(config)

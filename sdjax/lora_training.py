@@ -91,7 +91,7 @@ def check_resume(cfg, meta: dict) -> None:
     """A resume whose lora.alpha differs from the checkpoint's would scale the trained adapters anew: an error."""
     alpha = checkpoint_meta(cfg).get("lora_alpha")
     if alpha is not None and meta.get("lora_alpha", alpha) != alpha:
-        raise ValueError(f"lora.alpha={cfg.lora.alpha:g} (scale alpha / rank = {alpha / cfg.lora.rank:g}), but the "
+        raise ValueError(f"lora.alpha={alpha:g} (scale alpha / rank = {alpha / cfg.lora.rank:g}), but the "
                          f"checkpoints in {cfg.workdir} trained with alpha {meta['lora_alpha']:g}: resume with "
                          f"--config.lora.alpha={meta['lora_alpha']:g}, or use another --config.workdir")
 

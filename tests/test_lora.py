@@ -488,7 +488,8 @@ def test_sample_job_loras_and_prompt_tags(folder, base, peft_file, kohya_file, t
             (dict(lora_dir=str(tmp_path)), r"no LoRA file named kohya-style .* under .*: put it there"),
             (dict(lora=f"{kohya_file}:0.3"), "has a tag for LoRA 'kohya-style', which --config.lora adds to every "
                                              "prompt: drop one of the two"),
-            (dict(lora_dir=str(tmp_path / "prompts.txt")), "--config.lora_dir=.* is not a folder")]:
+            (dict(lora_dir=str(tmp_path / "prompts.txt")), "--config.lora_dir=.* is not a folder"),
+            (dict(lora=str(tmp_path / "prompts.txt")), r"^LoRA file: .*prompts.txt is not a LoRA file: expected one")]:
         with pytest.raises(jobs.ConfigError, match=message) as error:
             jobs.run(dict_update(config, change))
         assert "\n" not in str(error.value)
