@@ -39,7 +39,11 @@ def make_dataset(config):
     if d.source == "shapes":
         from sdjax.data.shapes import ShapesDataset
 
-        return ShapesDataset(size=d.shapes_size, seed=config.seed, split=d.shapes_split, length=d.shapes_length)
+        try:
+            return ShapesDataset(size=d.shapes_size, seed=config.seed, split=d.shapes_split,
+                                 length=d.shapes_length, colors=d.shapes_colors)
+        except ValueError as e:
+            raise ValueError(f"data.shapes_*: {e}") from None
     if d.source == "folder":
         from sdjax.data.folder import FolderDataset
 

@@ -1,28 +1,34 @@
-"""The offline demo's LoRA: adapters on the trained shapes model, trained on the colour-shape pairs it never saw.
+"""The offline demo's LoRA: teach the trained shapes model a colour it never saw, pink.
 
     python train.py --config configs/shapes_vae.py && python train.py --config configs/shapes.py   # the demo first
-    python train.py --config configs/lora_shapes.py    # then this: 300 steps (9.5 min on 2 busy CPU cores)
-    python sample.py --config configs/shapes_sample.py --config.lora=runs/shapes/lora/lora/lora_shapes.safetensors
+    python train.py --config configs/lora_shapes.py    # then this
+    python -m sdjax.eval.shapes --checkpoint runs/shapes/ldm/export --colors=pink \
+        --lora=runs/shapes/lora_pink/lora/pink.safetensors          # -> runs/shapes/lora_pink/eval
 
 Starts from stage 2's export (runs/shapes/ldm/export: every module is loaded) and trains rank-8 adapters on the
-UNet's attention (to_q, to_k, to_v, to_out.0) on the held-out split only (purple triangles, orange circles, green
-squares); the text encoder and VAE stay frozen, so latents and caption embeddings are encoded once. Previews (the three
-held-out pairs and a trained one) every 100 steps; the adapters go to runs/shapes/lora/lora/
-(pytorch_lora_weights.safetensors, lora_shapes.safetensors): `sdjax.load_lora(pipe, "runs/shapes/lora/lora")`.
+UNet's attention (to_q, to_k, to_v, to_out.0). Half the images are pink shapes ("a large pink circle on the left"),
+half are the demo's own colours, so the adapters learn what the word "pink" means without moving the other colours.
+The text encoder and VAE stay frozen (latents and caption embeddings are encoded once); "pink" is a word of CLIP's
+vocabulary that the demo's text encoder never trained. The demo's VAE must know the colour (configs/shapes_vae.py
+trains it on pink too: a demo trained before pink was added needs both stages again). Previews every 100 steps; the
+adapters go to runs/shapes/lora_pink/lora/ (pytorch_lora_weights.safetensors, pink.safetensors):
+`sdjax.load_lora(pipe, ...)`, sample.py's --config.lora or `<lora:pink:1>` in a prompt, the evaluator's --lora.
 """
 from configs import shapes
+from sdjax.data.shapes import COLORS
 
 
 def get_config(arg=None):
     c = shapes.get_config(arg)
-    c.workdir = "runs/shapes/lora"
+    c.workdir = "runs/shapes/lora_pink"
     c.model.init_from = "runs/shapes/ldm/export"   # stage 2's diffusers folder: every module is loaded
     c.model.variant = ""
     c.train_text_encoder = False
     c.lora.rank = 8
     c.lora.alpha = 8.0
-    c.lora.name = "lora_shapes"
-    c.data.shapes_split = "heldout"
+    c.lora.name = "pink"
+    c.data.shapes_split = "train"
+    c.data.shapes_colors = ("pink",) * len(COLORS) + tuple(COLORS)   # 24 of the 45 pairs drawn: 53% pink
     c.data.shapes_length = 2000
     c.batch_size = 32
     c.num_steps = 300
@@ -33,7 +39,7 @@ def get_config(arg=None):
     c.checkpoint.every = 100
     c.log_every = 10
     c.preview_every = 100
-    c.preview.prompts = ("a purple triangle on the left", "a large orange circle at the top",
-                         "a small green square in the centre", "a red circle on the right")
+    c.preview.prompts = ("a pink circle on the left", "a large pink square at the top",
+                         "a small pink triangle in the centre", "a red circle on the right")
     c.export.formats = ()
     return c

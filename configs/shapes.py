@@ -1,7 +1,7 @@
 """The offline demo, stage 2 of 2: a text encoder and UNet trained from scratch on the stage-1 VAE's latents.
 
-    python train.py --config configs/shapes_vae.py     # stage 1 (5 to 9 min on 2 CPU cores, by machine)
-    python train.py --config configs/shapes.py         # stage 2 (12 to 20 min) -> runs/shapes/ldm/export
+    python train.py --config configs/shapes_vae.py     # stage 1 (5 to 12 min on 2 CPU cores, by machine)
+    python train.py --config configs/shapes.py         # stage 2 (12 to 23 min) -> runs/shapes/ldm/export
     python sample.py --config configs/shapes_sample.py # a grid of seen and held-out captions
     python -m sdjax.eval.shapes --checkpoint runs/shapes/ldm/export   # colour / shape / position accuracy
 

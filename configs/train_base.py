@@ -43,6 +43,8 @@ def get_config(arg=None):
     c.data.shapes_size = 64        # shapes: rendered size (then resized to resolution)
     c.data.shapes_length = 100_000
     c.data.shapes_split = "train"  # train | heldout | all
+    c.data.shapes_colors = ()      # shapes: colours drawn (() = the demo's 8; "pink" is new; repeat one to weight it;
+                                   # on the command line: --config.data.shapes_colors=pink,red)
     c.data.resolution = 512
     c.data.center_crop = True      # False: random crop
     c.data.random_flip = False     # never for shapes (left/right are in the captions)

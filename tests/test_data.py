@@ -59,6 +59,35 @@ def test_heldout_split_is_disjoint():
         ShapesDataset(split="test")
 
 
+def test_new_colours_are_drawn_only_when_asked_and_weighted_by_repeats():
+    """The demo's dataset never draws a NEW_COLORS colour (what the pink LoRA teaches is new to the model); colors=
+    draws the listed ones, a colour listed k times k times as often; a new colour is apart from the palette."""
+    default = ShapesDataset(split="all", seed=2)
+    assert {default.labels(i)["color"] for i in range(3000)} == set(shapes.COLORS)
+    assert "pink" in shapes.NEW_COLORS and "pink" not in shapes.COLORS
+    assert not any("pink" in c for c in default.all_captions())
+    pink = ShapesDataset(split="all", seed=2, colors=("pink",))
+    ex = pink[3]
+    assert ex["color"] == "pink" and parse_caption(ex["caption"]).color == "pink"
+    corner = ex["image"][0, 0]
+    fg = ex["image"][np.abs(ex["image"].astype(int) - corner).sum(-1) > 100]
+    assert (fg == np.array(shapes.NEW_COLORS["pink"], np.uint8)).all(-1).mean() > 0.6
+    half = ShapesDataset(seed=2, colors=("pink",) * len(shapes.COLORS) + tuple(shapes.COLORS))
+    colors = [half.labels(i)["color"] for i in range(4000)]
+    # 24 pink pairs of 45 (the 3 held-out pairs are not drawn): 53%
+    assert abs(colors.count("pink") / 4000 - 24 / 45) < 0.03 and set(colors) == set(shapes.PALETTE)
+    assert len(half.all_captions()) == len(set(half.all_captions())) == (9 * 3 - 3) * 5 * 3  # each caption once
+    for name, rgb in shapes.NEW_COLORS.items():
+        near = min(np.linalg.norm(np.subtract(rgb, c)) for c in shapes.COLORS.values())
+        far = min(np.linalg.norm(np.subtract(rgb, c)) for c in shapes.BACKGROUNDS.values())
+        assert near >= 100 and far >= 135, (name, near, far)
+    assert ShapesDataset(colors="pink, red").combos == ShapesDataset(colors=("pink", "red")).combos  # a command line's
+    with pytest.raises(ValueError, match="unknown colour 'mauve'"):
+        ShapesDataset(colors=("mauve",))
+    with pytest.raises(ValueError, match=r"draws no \(colour, shape\) pair .*: choose other colours or another split"):
+        ShapesDataset(split="heldout", colors=("pink",))
+
+
 def test_caption_grammar_round_trip():
     captions = all_captions()
     assert len(captions) == len(set(captions)) == len(shapes.COLORS) * 3 * 5 * 3

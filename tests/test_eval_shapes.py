@@ -21,8 +21,13 @@ def _ground_truth(n_per_split=100, seed=0):
 
 def test_ground_truth_accuracy():
     images, captions, examples = _ground_truth()
+    pink = ShapesDataset(split="all", seed=0, colors=("pink",))  # a new colour reads right too
+    for i in range(100):
+        examples.append(pink[i])
+        images.append(examples[-1]["image"])
+        captions.append(examples[-1]["caption"])
     result = score(images, captions)
-    assert result["n"] == 300
+    assert result["n"] == 400
     for key in ("color", "shape", "position", "all"):
         assert result[key] >= 0.99, (key, result[key])
     assert result["size"] >= 0.95 and result["n_size"] > 50
@@ -35,7 +40,7 @@ def test_noise_is_near_chance():
     noise = rng.integers(0, 256, (200, 64, 64, 3), dtype=np.uint8)
     captions = [caption_for(rng.choice(list(shapes.COLORS)), rng.choice(shapes.SHAPES), rng.choice(shapes.POSITIONS))
                 for _ in range(200)]
-    result = score(noise, captions)  # chance: colour 1/8, shape 1/3, position 1/5
+    result = score(noise, captions)  # chance: colour 1/9 (the palette has pink too), shape 1/3, position 1/5
     assert result["color"] < 0.3 and result["shape"] < 0.55 and result["position"] < 0.4 and result["all"] < 0.1
 
 
@@ -63,6 +68,9 @@ def test_wrong_caption_is_marked_wrong():
 def test_format_table_and_input_errors():
     images, captions, _ = _ground_truth(n_per_split=4)
     seen, heldout = score(images[:8], captions[:8]), score(images[8:], captions[8:])
+    table = format_table(seen, heldout, {"pink": seen})
+    lines = table.splitlines()
+    assert lines[-1].startswith("| pink (every shape) | 8 | 100.0% |")
     table = format_table(seen, heldout)
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].startswith("| prompts | n | colour | shape | position |")
@@ -84,3 +92,5 @@ def test_eval_captions_split_seen_and_held_out_combinations():
     pairs = {(p.color, p.shape) for p in map(parse_caption, seen)}
     assert not pairs & set(DEFAULT_HELDOUT) and len(pairs) == 21
     assert {(p.color, p.shape) for p in map(parse_caption, heldout)} == set(DEFAULT_HELDOUT)
+    pink = eval_captions(60, "pink")
+    assert {(p.color, p.shape) for p in map(parse_caption, pink)} == {("pink", s) for s in shapes.SHAPES}

@@ -1,5 +1,6 @@
 """The offline demo (README's first command), shrunken: stage 1 (VAE), stage 2 (text encoder + UNet from scratch
-on the frozen VAE), sample.py on the result, and the evaluator's command line. It is also the test of the two-stage
+on the frozen VAE), the pink LoRA on top (configs/lora_shapes.py), sample.py and the evaluator's command line with
+that LoRA. It is also the test of the two-stage
 from-scratch recipe (configs/train_autoencoder.py + train_scratch.py run the same code on other sizes). The full-size
 run's accuracy is a benchmark (README), not a test.
 """
@@ -11,9 +12,11 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import sdjax
 from sdjax import variants
+from sdjax.data.shapes import parse_caption
 from sdjax.weights import diffusers_folder
 from sdjax.weights.safetensors_io import read_safetensors
 from tests.test_train_script import ROOT, cache_dir, losses, run_env, train  # noqa: F401 (fixture)
@@ -48,31 +51,45 @@ def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noq
     for key in trained_vae:  # the VAE stays frozen in stage 2
         np.testing.assert_array_equal(exported_vae[key], trained_vae[key])
 
+    # the README's LoRA demo: rank-8 adapters on the exported model, half the images pink
+    train(tmp_path / "lora", *SMALL, f"--config.model.init_from={export}", "--config.num_steps=2",
+          "--config.batch_size=8", "--config.preview_every=0", "--config.optimizer.warmup_steps=1",
+          config="lora_shapes", env=env)
+    adapter = tmp_path / "lora" / "lora" / "pink.safetensors"
+    assert adapter.exists() and (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
     samples = tmp_path / "samples"
     result = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), "--config", str(ROOT / "configs" / "shapes_sample.py"),
-         f"--config.checkpoint={export}", "--config.steps=2", "--config.height=32", "--config.width=32",
+         f"--config.checkpoint={export}", f"--config.lora={adapter}:0.9", "--config.steps=2", "--config.height=32",
+         "--config.width=32",
          f"--config.output_dir={samples}", f"--config.prompts_file={ROOT / 'configs' / 'shapes_prompts.txt'}"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(samples.glob("0*.png"))) == 12 and (samples / "grid.png").exists()
+    assert "<lora:pink:0.9>" in Image.open(next(samples.glob("0*.png"))).text["parameters"]
 
-    out = tmp_path / "eval"
+    out = tmp_path / "lora" / "eval"  # the LoRA run's, by default
     result = subprocess.run(
         [sys.executable, "-m", "sdjax.eval.shapes", "--checkpoint", str(export), "--num_images=4", "--steps=2",
-         "--size=32", "--batch_size=12", f"--output_dir={out}"],  # sample.py's program: read from the cache
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--size=32", "--batch_size=12", "--colors=pink,pink", f"--lora={adapter}:0.9"],  # pink once
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # sample.py's program: read from the cache
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| seen combinations | 4 |" in result.stdout and "| held-out combinations | 4 |" in result.stdout
+    assert result.stdout.count("| pink (every shape) | 4 |") == 1
     report = json.loads((out / "results.json").read_text())
-    for split in ("train", "heldout"):
+    assert all(parse_caption(image["caption"]).color == "pink" for image in report["pink"]["images"])
+    for split in ("train", "heldout", "pink"):
         assert report[split]["n"] == 4 and len(report[split]["images"]) == 4
         assert all(0.0 <= report[split][k] <= 1.0 for k in ("color", "shape", "position", "all"))
     assert (out / "grid_train.png").exists() and (out / "table.md").read_text().startswith("| prompts |")
 
 
-def test_evaluator_rejects_a_missing_checkpoint(tmp_path):
+def test_evaluator_rejects_a_missing_checkpoint_and_an_unknown_colour(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sdjax.eval.shapes", "--checkpoint", str(tmp_path / "nope")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "--checkpoint=" in result.stderr and "nope" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "sdjax.eval.shapes", "--checkpoint", str(tmp_path),
+                             "--colors=pink,mauve"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unknown colour 'mauve'" in result.stderr

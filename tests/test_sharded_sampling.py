@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.test_train_script import tiny_sd1  # noqa: F401 (fixture: the session's tiny SD 1.x folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,7 +32,7 @@ GENERATE = """
     from sdjax import jobs
     from configs import sample
     c = sample.get_config()
-    c.variant = "tiny"
+    c.checkpoint = "{checkpoint}"  # the tiny SD 1.x folder with one layer per block: quicker to compile than "tiny"
     pipe = jobs.load_model(c)
     prompts = ["a red circle", "a blue square", "a green triangle", "x", "y", "z", "u", "v"]
     for invariant in (True, False):
@@ -48,10 +50,10 @@ GENERATE = """
 """
 
 
-def test_batch_size_and_device_count_do_not_change_the_images(tmp_path):
+def test_batch_size_and_device_count_do_not_change_the_images(tmp_path, tiny_sd1):
     """batch_invariant=True: bit-identical for batch sizes 1, 3, 8 on 1 and 8 devices. The default batched
     program: the same up to float rounding, at most 1/255 (the README's claim)."""
-    run_python(GENERATE.format(out_dir=tmp_path), devices=8)
+    run_python(GENERATE.format(out_dir=tmp_path, checkpoint=tiny_sd1), devices=8)
     for invariant in (True, False):
         ref = np.load(tmp_path / f"{invariant}-1-8.npy").astype(int)
         assert ref.shape == (8, 32, 32, 3) and ref.std() > 5
@@ -128,13 +130,11 @@ def pngs(folder: Path) -> dict:
     return {f.name: np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))}
 
 
-def test_two_hosts_write_the_one_process_files_and_resume_from_process_0s_disk(tmp_path):
+def test_two_hosts_write_the_one_process_files_and_resume_from_process_0s_disk(tmp_path, tiny_sd1):
     """The re-run also has process 0 load its program from its compilation cache while process 1 compiles: the
     pipeline waits for every process before running a new program. With a tiny diffusers folder: loading it is
     quicker than initialising --config.variant=tiny at random in each of the 5 processes."""
-    from tests import tiny_models
-
-    checkpoint = tiny_models.tiny_diffusers_folder(tmp_path, "sd1", layers_per_block=1)
+    checkpoint = tiny_sd1
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"a shape number {k}" for k in range(5)) + "\n")
     flags = [f"--config.checkpoint={checkpoint}", f"--config.prompts_file={prompts}", "--config.steps=2",

@@ -597,7 +597,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, monke
     and ends with the uninterrupted run's losses and parameters; the rows the lost step had logged move to
     metrics.superseded.jsonl."""
     monkeypatch.setattr(train_module.training, "make_train_step", fake_train_step())
-    overrides = {"checkpoint.every": 1, "model.init_from": str(tiny_sd1)}
+    overrides = {"checkpoint.every": 3, "model.init_from": str(tiny_sd1)}  # checkpoints 3 and 4 (the last step)
     train_module.main(tiny_config(tmp_path / "whole", num_steps=4, **overrides))
     run = tmp_path / "run"
     train_module.main(tiny_config(run, num_steps=4, **overrides))
@@ -613,7 +613,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, monke
     assert len(warnings) == 1 and warnings[0].startswith("checkpoint 4 does not read back (")
     assert f"moved to {run / 'checkpoints' / '4.unreadable'}, resuming from an older one" in warnings[0]
     assert "\n" not in warnings[0] and result["step"] == 4
-    assert (run / "checkpoints" / "4.unreadable").is_dir() and checkpoints(run) == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "4.unreadable").is_dir() and checkpoints(run) == [3, 4]
     assert losses(run) == losses(tmp_path / "whole")
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert [json.loads(line)["step"] for line in (run / "metrics.superseded.jsonl").read_text().splitlines()] == [4]
@@ -677,7 +677,7 @@ def test_sigterm_while_compiling_saves_the_first_step(tmp_path, monkeypatch, tra
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, train_module,
                                                                                tiny_sd1):
     """The error orbax raises when the disk fills (measured on a 300 KB tmpfs: ValueError RESOURCE_EXHAUSTED ...
-    No space left on device [os_error_code='28']), raised by the save of step 3: an OSError that says so and names
+    No space left on device [os_error_code='28']), raised by the save of step 4: an OSError that says so and names
     the intact checkpoint; a restart resumes from it."""
     import errno
 
@@ -687,21 +687,21 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp
     save = ocp.CheckpointManager.save
 
     def save_until_full(self, step, *args, **kwargs):
-        if step == 3:
+        if step == 4:
             raise ValueError(f"RESOURCE_EXHAUSTED: Error writing \"a/0\" in OCDBT database at local file "
-                             f"\"{self.directory}/3.orbax-checkpoint-tmp/\": Failed to write 486567 bytes to file 4: "
+                             f"\"{self.directory}/4.orbax-checkpoint-tmp/\": Failed to write 486567 bytes to file 4: "
                              f"No space left on device [os_error_code='28']")
         return save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_full)
-    config = tiny_config(tmp_path, num_steps=4, **{"checkpoint.every": 1, "model.init_from": str(tiny_sd1)})
+    config = tiny_config(tmp_path, num_steps=4, **{"checkpoint.every": 2, "model.init_from": str(tiny_sd1)})
     with pytest.raises(OSError) as error:
         train_module.main(config)
     assert error.value.errno == errno.ENOSPC
     assert error.value.strerror == (f"a checkpoint could not be written to {tmp_path / 'checkpoints'}: no space left "
                                     "on device; free some space (or lower checkpoint.keep) and restart: the run "
                                     "resumes from checkpoint 2, which is intact")
-    assert checkpoints(tmp_path) == [1, 2]
+    assert checkpoints(tmp_path) == [2]
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-    assert train_module.main(config)["step"] == 4 and checkpoints(tmp_path) == [1, 2, 3, 4]
+    assert train_module.main(config)["step"] == 4 and checkpoints(tmp_path) == [2, 4]
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]

@@ -15,6 +15,9 @@ and is exposed as data (`COLORS`, `SHAPES`, `POSITIONS`, `SIZES`, `caption_for`,
 Held-out colour–shape combinations test compositional generalisation: split="train" never draws
 them, split="heldout" draws only them, split="all" draws every combination.
 
+`NEW_COLORS` are colours the demo model never sees (its dataset draws `COLORS`): something for an
+adapter to teach it (configs/lora_shapes.py), drawn with `ShapesDataset(colors=...)`.
+
 Do not train on this dataset with random horizontal flips: a flip turns "on the left" into a lie.
 """
 from __future__ import annotations
@@ -37,6 +40,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 50, 190),
     "white": (245, 245, 245),
 }
+# Colours outside the demo's palette (>= ~109 from every colour above, >= ~145 from the backgrounds).
+NEW_COLORS: dict[str, tuple[int, int, int]] = {
+    "pink": (255, 50, 160),
+}
+PALETTE = {**COLORS, **NEW_COLORS}  # every colour the renderer draws and captions name
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "dark gray": (75, 75, 75),
@@ -108,27 +116,27 @@ def parse_caption(text: str) -> ShapeLabels:
         return found[0]
 
     return ShapeLabels(
-        color=one("colour", {c: c for c in COLORS}),
+        color=one("colour", {c: c for c in PALETTE}),
         shape=one("shape", {s: s for s in SHAPES}),
         position=one("position", _POSITION_WORDS),
         size=one("size", {s: s for s in SIZES}, required=False),
     )
 
 
-def all_combos() -> list[tuple[str, str]]:
-    """Every (colour, shape) pair."""
-    return list(itertools.product(COLORS, SHAPES))
+def all_combos(colors=COLORS) -> list[tuple[str, str]]:
+    """Every (colour, shape) pair of `colors` (default the demo's palette, `COLORS`)."""
+    return list(itertools.product(colors, SHAPES))
 
 
 def all_captions(combos=None) -> list[str]:
     """Every caption the grammar produces for `combos` (default all (colour, shape) pairs), sorted."""
-    combos = all_combos() if combos is None else combos
+    combos = all_combos() if combos is None else dict.fromkeys(combos)  # a colour listed twice: its captions once
     return sorted(caption_for(c, s, p, z) for (c, s) in combos for p in POSITIONS for z in (None, *SIZES))
 
 
 def _check_labels(color, shape, position, size):
-    if color not in COLORS:
-        raise ValueError(f"unknown colour {color!r}; choose one of {list(COLORS)}")
+    if color not in PALETTE:
+        raise ValueError(f"unknown colour {color!r}; choose one of {list(PALETTE)}")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
     if position not in POSITIONS:
@@ -148,7 +156,7 @@ def render(color: str, shape: str, center: tuple[float, float], extent: float, b
     draw = ImageDraw.Draw(img)
     cx, cy, half = center[0] * s, center[1] * s, extent * s / 2
     x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
-    fill = COLORS[color]
+    fill = PALETTE[color]
     if shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif shape == "square":
@@ -170,10 +178,13 @@ class ShapesDataset:
       heldout: (colour, shape) pairs kept out of the training split.
       length: what `len()` reports (and the index range `__getitem__` accepts).
       size_word_prob: probability that a caption names the size.
+      colors: the colours drawn (default `COLORS`; names from `PALETTE`; a string is comma-separated). Each
+        (colour, shape) pair of the split is equally likely, so in the "train" and "all" splits a colour listed k
+        times is drawn k times as often: ("pink",) * 8 + tuple(COLORS) makes about half the images pink.
     """
 
     def __init__(self, size: int = 64, seed: int = 0, split: str = "train", heldout=DEFAULT_HELDOUT,
-                 length: int = 100_000, size_word_prob: float = 0.5):
+                 length: int = 100_000, size_word_prob: float = 0.5, colors=None):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         if size < 16:
@@ -185,12 +196,20 @@ class ShapesDataset:
             raise ValueError("split='heldout' needs at least one held-out (colour, shape) pair in `heldout`")
         self.size, self.seed, self.split, self.heldout = size, int(seed), split, heldout
         self.length, self.size_word_prob = int(length), float(size_word_prob)
+        if isinstance(colors, str):  # "pink,red" (a command line's way)
+            colors = [c.strip() for c in colors.split(",") if c.strip()]
+        colors = tuple(COLORS) if colors is None or len(colors) == 0 else tuple(str(c) for c in colors)
+        for c in colors:
+            _check_labels(c, "circle", "centre", None)
         if split == "train":
-            self.combos = [c for c in all_combos() if c not in set(heldout)]
+            self.combos = [c for c in all_combos(colors) if c not in set(heldout)]
         elif split == "heldout":
-            self.combos = list(heldout)
+            self.combos = [c for c in heldout if c[0] in colors]
         else:
-            self.combos = all_combos()
+            self.combos = all_combos(colors)
+        if not self.combos:
+            raise ValueError(f"split={split!r} with colors={colors} draws no (colour, shape) pair (held-out pairs: "
+                             f"{heldout}): choose other colours or another split")
 
     def __len__(self) -> int:
         return self.length

@@ -5,7 +5,8 @@ judgement is reproducible and auditable:
   background  the per-channel median of the image border;
   foreground  pixels far from the background, then refined to pixels nearer the foreground's
               median colour than the background (a half-coverage threshold for antialiased edges);
-  colour      the named colour (`sdjax.data.shapes.COLORS`) nearest the median foreground colour;
+  colour      the named colour (`sdjax.data.shapes.PALETTE`: the demo's 8 and the new ones, such as pink)
+              nearest the median foreground colour;
   shape       nearest prototype in (bounding-box fill ratio, top-width / bottom-width):
               square (1, 1), circle (pi/4, 1), upright triangle (1/2, 1/3);
   position    bounding-box centre: "centre" if within 1/8 of the middle on both axes,
@@ -14,10 +15,12 @@ judgement is reproducible and auditable:
 
 `score(images, captions)` compares the analysis of each image with the caption it was generated
 from (parsed by `sdjax.data.shapes.parse_caption`); `format_table(seen, heldout)` renders two
-such results as a markdown table. `evaluate(pipe, ...)` generates images for seen and held-out
-captions and scores them; from the shell:
+such results (and a row per extra colour) as a markdown table. `evaluate(pipe, ...)` generates images for seen and held-out
+captions (and for captions of a colour the model never saw: `NEW_COLORS`) and scores them; from the shell:
 
     python -m sdjax.eval.shapes --checkpoint runs/shapes/ldm/export --num_images 200
+    python -m sdjax.eval.shapes --checkpoint runs/shapes/ldm/export --colors=pink \
+        --lora=runs/shapes/lora_pink/lora/pink.safetensors         # the adapter that teaches it pink
 """
 from __future__ import annotations
 
@@ -30,10 +33,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sdjax.data.shapes import COLORS, ShapesDataset, parse_caption
+from sdjax.data.shapes import PALETTE, ShapesDataset, parse_caption
 
-_PALETTE_NAMES = list(COLORS)
-_PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], np.float32)
+_PALETTE_NAMES = list(PALETTE)
+_PALETTE = np.array([PALETTE[c] for c in _PALETTE_NAMES], np.float32)
 # (fill ratio, top-width / bottom-width) of each ideal silhouette; fill counts double.
 _SHAPE_PROTOTYPES = {"square": (1.0, 1.0), "circle": (np.pi / 4, 1.0), "triangle": (0.5, 1 / 3)}
 _FILL_WEIGHT = 2.0
@@ -176,14 +179,17 @@ def score(images, captions) -> dict:
     return result
 
 
-def format_table(results_seen: dict, results_heldout: dict | None = None) -> str:
-    """A markdown table of one or two `score` results (seen combinations, held-out combinations)."""
+def format_table(results_seen: dict, results_heldout: dict | None = None, colors: dict | None = None) -> str:
+    """A markdown table of `score` results: seen combinations, held-out combinations, and a row per colour of
+    `colors` ({colour: result})."""
     def pct(x):
         return "–" if x is None else f"{100 * x:.1f}%"
 
     lines = ["| prompts | n | colour | shape | position | all three | size |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in (("seen combinations", results_seen), ("held-out combinations", results_heldout)):
+    rows = [("seen combinations", results_seen), ("held-out combinations", results_heldout)]
+    rows += [(f"{color} (every shape)", r) for color, r in (colors or {}).items()]
+    for name, r in rows:
         if r is None:
             continue
         lines.append(f"| {name} | {r['n']} | {pct(r['color'])} | {pct(r['shape'])} | {pct(r['position'])} "
@@ -200,15 +206,20 @@ EVAL_SEED = 1_000_003  # caption draws for evaluation, apart from any training s
 
 def eval_captions(n: int, split: str, *, seed: int = EVAL_SEED) -> list[str]:
     """`n` captions drawn as the shapes dataset draws them: split "train" (colour-shape combinations seen in
-    training) or "heldout" (combinations never seen)."""
-    ds = ShapesDataset(split=split, seed=seed, length=max(n, 1))
+    training), "heldout" (combinations never seen) or a colour's name (that colour with every shape, e.g. "pink",
+    which the demo model never saw)."""
+    if split in PALETTE:
+        ds = ShapesDataset(split="all", seed=seed, length=max(n, 1), colors=(split,))
+    else:
+        ds = ShapesDataset(split=split, seed=seed, length=max(n, 1))
     return [ds.labels(i)["caption"] for i in range(n)]
 
 
 def evaluate(pipe, *, num_images: int = 200, seed: int = 0, num_inference_steps: int = 25,
              guidance_scale: float = 4.0, sampler: str | None = None, size: int = 64, batch_size: int = 50,
              mesh=None, splits=("train", "heldout"), progress=None) -> dict:
-    """Generate `num_images` per split with `pipe` (a `sdjax.pipeline.StableDiffusion`) and score them.
+    """Generate `num_images` per split (`eval_captions`' splits) with `pipe` (a `sdjax.pipeline.StableDiffusion`)
+    and score them.
 
     Returns {split: {"captions", "images" (uint8 (N, size, size, 3)), **score(...)}}. Image i of a split uses
     the noise (seed, i). `progress(done, total)` is called after every batch.
@@ -245,8 +256,9 @@ def argument_parser() -> argparse.ArgumentParser:
     """The command line of `python -m sdjax.eval.shapes`."""
     parser = argparse.ArgumentParser(
         prog="python -m sdjax.eval.shapes",
-        description="Generate images for shapes captions (seen and held-out colour-shape combinations) and report "
-                    "how often colour, shape and position match the caption.")
+        description="Generate images for shapes captions (seen and held-out colour-shape combinations, and with "
+                    "--colors every shape in those colours) and report how often colour, shape and position match "
+                    "the caption.")
     parser.add_argument("--checkpoint", required=True, help="a trained shapes model (diffusers folder or single file)")
     parser.add_argument("--num_images", type=int, default=200, help="images per split (default 200)")
     parser.add_argument("--steps", type=int, default=25)
@@ -255,8 +267,23 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--batch_size", type=int, default=50)
-    parser.add_argument("--output_dir", default="", help="default: <checkpoint>/../eval")
+    parser.add_argument("--colors", default="",
+                        help="also score these colours with every shape, e.g. pink (comma-separated; from "
+                             "sdjax.data.shapes.PALETTE)")
+    parser.add_argument("--lora", default="", help="adapters to apply: PATH[:SCALE],... as sample.py's --config.lora")
+    parser.add_argument("--output_dir", default="",
+                        help="default: <checkpoint>/../eval, or with --lora the LoRA run's eval folder (<first LoRA "
+                             "file>/../../eval when the file is in a train.py workdir's lora/, else beside it)")
     return parser
+
+
+def _default_output_dir(checkpoint, loras) -> Path:
+    """<checkpoint>/../eval; with LoRAs the first one's run: workdir/eval for workdir/lora/<file>, else beside it."""
+    if not loras:
+        return Path(checkpoint).resolve().parent / "eval"
+    first = Path(loras[0][0]).resolve()
+    folder = first if first.is_dir() else first.parent
+    return (folder.parent if folder.name == "lora" else folder) / "eval"
 
 
 def _main(argv=None) -> int:
@@ -267,18 +294,29 @@ def _main(argv=None) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from sdjax import jobs, pretrained
+    from sdjax import jobs, lora, pretrained
 
     if args.size % 8:
         parser.error(f"--size={args.size} must be a multiple of 8")
+    colors = list(dict.fromkeys(c.strip() for c in args.colors.split(",") if c.strip()))
+    for color in colors:
+        if color not in PALETTE:
+            parser.error(f"--colors: unknown colour {color!r}; choose from {', '.join(PALETTE)}")
     try:
         pipe = pretrained.load_pretrained(args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         parser.error(f"--checkpoint={args.checkpoint}: {e}")
+    loras = lora.parse_lora_setting(args.lora)
+    for path, scale in loras:
+        try:
+            lora.load_lora(pipe, path, scale=scale)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"--lora={path}: {e}")
+    splits = ("train", "heldout", *colors)
     mesh = None
     if jax.device_count() > 1:
         mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    bar = tqdm(total=2 * args.num_images, unit="img", desc="generating (first batch compiles)", file=sys.stderr)
+    bar = tqdm(total=len(splits) * args.num_images, unit="img", desc="generating (first batch compiles)", file=sys.stderr)
 
     def progress(done, total):
         bar.set_description("generating")
@@ -288,13 +326,13 @@ def _main(argv=None) -> int:
     try:
         results = evaluate(pipe, num_images=args.num_images, seed=args.seed, num_inference_steps=args.steps,
                            guidance_scale=args.guidance_scale, sampler=args.sampler or None, size=args.size,
-                           batch_size=args.batch_size, mesh=mesh, progress=progress)
+                           batch_size=args.batch_size, mesh=mesh, splits=splits, progress=progress)
     except ValueError as e:
         parser.error(str(e))
     bar.close()
-    out = Path(args.output_dir or Path(args.checkpoint).resolve().parent / "eval")
+    out = Path(args.output_dir or _default_output_dir(args.checkpoint, loras))
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results["train"], results["heldout"])
+    table = format_table(results["train"], results["heldout"], {c: results[c] for c in colors})
     report = {"checkpoint": str(args.checkpoint), "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
               "seconds": round(time.perf_counter() - start, 1)}
     for split, r in results.items():
@@ -304,7 +342,7 @@ def _main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "table.md").write_text(table + "\n")
     print(table)
-    print(f"\n{2 * args.num_images} images in {report['seconds']:.0f}s; grids, table.md and results.json (every "
+    print(f"\n{len(splits) * args.num_images} images in {report['seconds']:.0f}s; grids, table.md and results.json (every "
           f"caption and what the analyser saw) in {out}")
     return 0
 
