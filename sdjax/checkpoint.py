@@ -129,8 +129,7 @@ def _arrays(tree) -> dict[str, tuple[int, ...]]:
         return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
 
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {"/".join(map(name, path)): tuple(np.shape(x) if not hasattr(x, "shape") else x.shape)
-            for path, x in leaves if hasattr(x, "shape")}
+    return {"/".join(map(name, path)): tuple(x.shape) for path, x in leaves if hasattr(x, "shape")}
 
 
 def _short(error: Exception, limit: int = 300) -> str:

@@ -23,6 +23,13 @@ def fail(prog: str, message: str) -> None:
     sys.exit(USAGE_ERROR)
 
 
+def names(value) -> tuple[str, ...]:
+    """A list setting as names: "a,b", or a sequence of such strings (a config's tuple field set on the command
+    line as --config.x=a,b arrives as ("a,b",)); blanks dropped."""
+    items = (value,) if isinstance(value, str) else value
+    return tuple(t.strip() for item in items for t in str(item).split(",") if t.strip())
+
+
 def one_line(message) -> str:
     lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
     return "; ".join(lines)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from sdjax.cli import one_line
+from sdjax.cli import names, one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +322,7 @@ def _image_size(path: str, key: str) -> tuple[int, int]:
 
 def embedding_paths(config) -> list[str]:
     """The textual inversion files of --config.embeddings=PATH,PATH2 (empty entries ignored)."""
-    return [p.strip() for p in config.get("embeddings", "").split(",") if p.strip()]
+    return list(names(config.get("embeddings", "")))
 
 
 def lora_settings(config) -> list[tuple[str, float]]:

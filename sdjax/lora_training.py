@@ -26,17 +26,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdjax import lora
+from sdjax.cli import names as _names
 from sdjax.checkpoint import export_dtype
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # the adapters' name in the modules (PEFT's); lora.name names only the exported files
 _INIT_STREAM, _DROPOUT_STREAM = 0x4C6F5241, 0x44726F70  # fold_in constants: "LoRA", "Drop"
-
-
-def _names(value) -> tuple[str, ...]:
-    items = (value,) if isinstance(value, str) else value
-    return tuple(t.strip() for item in items for t in item.split(",") if t.strip())
 
 
 def targets(cfg) -> dict[str, tuple[str, ...]]:

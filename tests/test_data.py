@@ -81,7 +81,8 @@ def test_new_colours_are_drawn_only_when_asked_and_weighted_by_repeats():
         near = min(np.linalg.norm(np.subtract(rgb, c)) for c in shapes.COLORS.values())
         far = min(np.linalg.norm(np.subtract(rgb, c)) for c in shapes.BACKGROUNDS.values())
         assert near >= 100 and far >= 135, (name, near, far)
-    assert ShapesDataset(colors="pink, red").combos == ShapesDataset(colors=("pink", "red")).combos  # a command line's
+    assert (ShapesDataset(colors="pink, red").combos == ShapesDataset(colors=("pink,red",)).combos  # command lines
+            == ShapesDataset(colors=("pink", "red")).combos)
     with pytest.raises(ValueError, match="unknown colour 'mauve'"):
         ShapesDataset(colors=("mauve",))
     with pytest.raises(ValueError, match=r"draws no \(colour, shape\) pair .*: choose other colours or another split"):

@@ -29,6 +29,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sdjax.cli import names
+
 # Shape colours, far apart from each other (closest pair ~100 in RGB) and from every background (>= ~135).
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 30, 30),
@@ -196,9 +198,7 @@ class ShapesDataset:
             raise ValueError("split='heldout' needs at least one held-out (colour, shape) pair in `heldout`")
         self.size, self.seed, self.split, self.heldout = size, int(seed), split, heldout
         self.length, self.size_word_prob = int(length), float(size_word_prob)
-        if isinstance(colors, str):  # "pink,red" (a command line's way)
-            colors = [c.strip() for c in colors.split(",") if c.strip()]
-        colors = tuple(COLORS) if colors is None or len(colors) == 0 else tuple(str(c) for c in colors)
+        colors = names(colors or ()) or tuple(COLORS)  # "pink,red" and ("pink,red",) too: a command line's ways
         for c in colors:
             _check_labels(c, "circle", "centre", None)
         if split == "train":

@@ -294,11 +294,11 @@ def _main(argv=None) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from sdjax import jobs, lora, pretrained
+    from sdjax import cli, jobs, lora, pretrained
 
     if args.size % 8:
         parser.error(f"--size={args.size} must be a multiple of 8")
-    colors = list(dict.fromkeys(c.strip() for c in args.colors.split(",") if c.strip()))
+    colors = list(dict.fromkeys(cli.names(args.colors)))
     for color in colors:
         if color not in PALETTE:
             parser.error(f"--colors: unknown colour {color!r}; choose from {', '.join(PALETTE)}")
