@@ -17,7 +17,7 @@ import diffusers
 # module-scoped and sdjax.pipeline caches its programs), as the comments below say where they do.
 pytestmark = pytest.mark.xdist_group("pipeline")
 
-SIZE = 64  # the tiny VAE downsamples 2x: 32 x 32 latents
+SIZE = 32  # the tiny VAE downsamples 2x: 16 x 16 latents (at 64 px each run of the tiny UNet takes ~5x longer)
 PROMPTS = ["a red fox in the snow", "a blue bird"]
 NEGATIVE = ["blurry", ""]
 
@@ -39,7 +39,7 @@ def noise_for(pipe, batch, seed=0):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipe")
-    small = dict(layers_per_block=1)  # pipelines, not weight names, are tested here: the quicker UNet
+    small = dict(layers_per_block=1, levels=2)  # pipelines, not weight names, are tested here: the quicker UNet
     folders = {"sd1": tiny_models.tiny_diffusers_folder(tmp, "sd1", **small),
                "inpaint": tiny_models.tiny_diffusers_folder(tmp, "sd1", inpaint=True, **small),
                "sd2v": tiny_models.tiny_diffusers_folder(tmp, "sd2", **small)}
@@ -73,13 +73,14 @@ def use_posterior_mode(monkeypatch, module):
 
 
 def init_image():
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    return np.stack([x * 4, y * 4, (x + y) * 2], -1).clip(0, 255).astype(np.uint8)
+    y, x = np.mgrid[0:SIZE, 0:SIZE] * (256 // SIZE)
+    return np.stack([x, y, (x + y) // 2], -1).clip(0, 255).astype(np.uint8)
 
 
 def mask_image():
     m = np.zeros((SIZE, SIZE), np.uint8)
-    m[16:48, 8:40] = 255
+    q = SIZE // 4
+    m[q:3 * q, q // 2:5 * q // 2] = 255
     return m
 
 
@@ -216,12 +217,13 @@ def test_outpainting_matches_diffusers_inpainting_on_the_padded_canvas(folders, 
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
     from PIL import Image
 
-    image = init_image()[16:, 16:48]  # 48 x 32
-    canvas, mask = pipeline.outpaint_canvas(image, left=16, right=16, top=16)
+    q = SIZE // 4
+    image = init_image()[q:, q:3 * q]  # 3/4 of the height, half the width
+    canvas, mask = pipeline.outpaint_canvas(image, left=q, right=q, top=q)
     assert canvas.shape == (SIZE, SIZE, 3) and mask.shape == (SIZE, SIZE)
-    np.testing.assert_array_equal(canvas[16:, 16:48], image)
-    assert (canvas[:16] == 127).all() and (canvas[:, :16] == 127).all() and (canvas[:, 48:] == 127).all()
-    assert mask[:16].min() == mask[:, :16].min() == mask[:, 48:].min() == 255 and mask[16:, 16:48].max() == 0
+    np.testing.assert_array_equal(canvas[q:, q:3 * q], image)
+    assert (canvas[:q] == 127).all() and (canvas[:, :q] == 127).all() and (canvas[:, 3 * q:] == 127).all()
+    assert mask[:q].min() == mask[:, :q].min() == mask[:, 3 * q:].min() == 255 and mask[q:, q:3 * q].max() == 0
     pipe = pipes["inpaint"]
     # the settings of test_inpaint_matches_diffusers: its compiled program is reused
     ours = pipe.inpaint(PROMPTS[:1], [canvas], [mask], num_inference_steps=10, height=SIZE, width=SIZE)

@@ -4,7 +4,8 @@ Every builder is deterministic (its own torch seed) and perturbs every parameter
 zero-initialised biases and unit norm scales are non-trivial. The tiny models follow the SD
 conventions that cannot be read from tensors (see sdjax.weights.single_file): SD 1.x UNets use 8
 attention heads, SD 2.x UNets and both CLIP text encoders use a head dim of 64, GroupNorm has 32
-groups, and an SD 2.x text encoder has 23 layers (OpenCLIP's 24 minus the last, as in diffusers).
+groups (16 in the UNet of the train and sampling runs' folder, which travels as a diffusers folder), and an SD 2.x
+text encoder has 23 layers (OpenCLIP's 24 minus the last, as in diffusers).
 """
 from __future__ import annotations
 
@@ -29,27 +30,34 @@ def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn
     return model.eval()
 
 
-def _unet(arch: dict, *, in_channels: int, sample_size: int, seed: int, layers_per_block: int = 2):
+def _unet(arch: dict, *, in_channels: int, sample_size: int, seed: int, layers_per_block: int = 2, levels: int = 3,
+          norm_num_groups: int = 32):
+    """SD's layout (cross-attention blocks, then one without) over `levels` resolutions (3, or 2: the first two).
+    norm_num_groups=16 gives every GroupNorm of the tiny UNet two channels per group: with one (32 groups of a
+    32-channel level) the norm erases the bias of the conv before it and the time embedding added there, whose
+    gradients are then round-off that Adam (eps 1e-8) turns into +-lr steps, different on another device layout."""
     from diffusers import UNet2DConditionModel
 
+    if levels not in (2, 3):
+        raise ValueError(f"levels must be 2 or 3, got {levels}")
+    arch = {k: v[:levels] if isinstance(v, tuple) else v for k, v in arch.items()}
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CLIP_HIDDEN, norm_num_groups=32, **arch)
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=CLIP_HIDDEN, norm_num_groups=norm_num_groups, **arch)
     return perturb_(unet, seed)
 
 
-def tiny_unet_sd1(in_channels: int = 4, layers_per_block: int = 2):
-    """SD 1.x style: 8 heads, conv proj_in/proj_out, cross-attention dim = the tiny CLIP width."""
-    return _unet(SD1_UNET, in_channels=in_channels, sample_size=64, seed=1, layers_per_block=layers_per_block)
+def tiny_unet_sd1(in_channels: int = 4, **layout):
+    """SD 1.x style: 8 heads, conv proj_in/proj_out, cross-attention dim = the tiny CLIP width; layout: _unet's."""
+    return _unet(SD1_UNET, in_channels=in_channels, sample_size=64, seed=1, **layout)
 
 
-def tiny_unet_sd2(in_channels: int = 4, layers_per_block: int = 2):
+def tiny_unet_sd2(in_channels: int = 4, **layout):
     """SD 2.x style: head dim 64 (per-block head counts), linear proj_in/proj_out, attention upcast."""
-    return _unet(SD2_UNET, in_channels=in_channels, sample_size=96 if in_channels == 4 else 64, seed=2,
-                 layers_per_block=layers_per_block)
+    return _unet(SD2_UNET, in_channels=in_channels, sample_size=96 if in_channels == 4 else 64, seed=2, **layout)
 
 
 def tiny_unet_inpaint(family: str = "sd1"):
@@ -100,15 +108,17 @@ def tiny_tokenizer(folder, family: str = "sd1"):
     return CLIPTokenizer.from_pretrained(str(folder), pad_token="!" if family == "sd2" else "<|endoftext|>")
 
 
-def tiny_pipeline(tmp, family: str = "sd1", inpaint: bool = False, layers_per_block: int = 2):
-    """A StableDiffusionPipeline of tiny random models (no safety checker). layers_per_block=1 (a UNet of ~2/3 the
-    layers, ~30% quicker to compile) is for tests of what runs the model, not of how its weights are named."""
+def tiny_pipeline(tmp, family: str = "sd1", inpaint: bool = False, **layout):
+    """A StableDiffusionPipeline of tiny random models (no safety checker). The UNet's layout (_unet's arguments):
+    layers_per_block=1 (a UNet of ~2/3 the layers, ~30% quicker to compile) and levels=2 (two resolutions, not
+    three: a train step compiles in 2/3 of the time again) are for tests of what runs the model, not of how its
+    weights are named."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
     in_channels = 9 if inpaint else 4
-    unet = (tiny_unet_sd1 if family == "sd1" else tiny_unet_sd2)(in_channels, layers_per_block)
+    unet = (tiny_unet_sd1 if family == "sd1" else tiny_unet_sd2)(in_channels, **layout)
     vae = tiny_vae(768 if family == "sd2" and not inpaint else 512)
     text_encoder = tiny_clip("quick_gelu" if family == "sd1" else "gelu")
     tokenizer = tiny_tokenizer(Path(tmp) / "tokenizer_files", family)
@@ -120,8 +130,9 @@ def tiny_pipeline(tmp, family: str = "sd1", inpaint: bool = False, layers_per_bl
                                    requires_safety_checker=False)
 
 
-def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False, layers_per_block: int = 2) -> Path:
-    """Save a tiny StableDiffusionPipeline as a diffusers folder under `tmp`; returns its path."""
+def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False, **layout) -> Path:
+    """Save a tiny StableDiffusionPipeline (layout: its UNet's, as tiny_pipeline) as a diffusers folder under `tmp`;
+    returns its path."""
     path = Path(tmp) / f"tiny-{family}{'-inpaint' if inpaint else ''}"
-    tiny_pipeline(tmp, family, inpaint, layers_per_block).save_pretrained(str(path), safe_serialization=True)
+    tiny_pipeline(tmp, family, inpaint, **layout).save_pretrained(str(path), safe_serialization=True)
     return path
