@@ -5,9 +5,10 @@ checkpoint's pad id (SD 1.x pads with "<|endoftext|>" = 49407, the SD 2.x tokeni
 Longer prompts and A1111's emphasis syntax: `sdjax.prompts` (chunks of this layout), which the pipeline uses.
 
 Two backends give the same ids:
-  * `load_tokenizer(folder)`: transformers' CLIPTokenizer on a checkpoint's tokenizer/ files;
-  * `default_tokenizer()`: the offline fallback for single-file checkpoints, instant_clip_tokenizer
-    (a Rust port of OpenAI's tokenizer) behind transformers' text cleanup (NFC; it lowercases itself).
+  * `default_tokenizer()`: built in, instant_clip_tokenizer (a Rust port of OpenAI's tokenizer) behind
+    transformers' text cleanup (NFC; it lowercases itself): single files, and `load_tokenizer` of a folder that
+    holds CLIP's own files;
+  * transformers' CLIPTokenizer: `load_tokenizer` of any other tokenizer/ folder (added tokens, tokenizer.json).
 
 Tokens added for textual inversion (`add_tokens`, `sdjax.textual_inversion`) take the ids after the vocabulary
 and are matched as transformers matches added tokens, in both backends: in the normalised text (NFC, runs of
@@ -188,14 +189,24 @@ def _read_vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[str]]:
     return model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
 
 
-def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
-    """transformers' CLIPTokenizer on a checkpoint's tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json)."""
-    import transformers
+def load_tokenizer(folder: str | os.PathLike, backend: str = "auto") -> CLIPTokenizer:
+    """The tokenizer of a checkpoint's tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json).
 
+    backend="auto": the built-in tokenizer when the folder is CLIP's own (its vocabulary, merges and special tokens,
+    no added tokens: every released SD 1.x / 2.x folder), which gives transformers' ids without importing
+    transformers (~1 s of a load); else, and with backend="transformers", transformers' CLIPTokenizer.
+    """
+    if backend not in ("auto", "transformers"):
+        raise ValueError(f"backend must be 'auto' or 'transformers', got {backend!r}")
     folder = Path(folder)
     if not has_tokenizer_files(folder):
         raise FileNotFoundError(f"{folder} has no vocab.json + merges.txt nor tokenizer.json: not a CLIP tokenizer "
                                 "folder")
+    pad = _builtin_pad_id(folder) if backend == "auto" else None
+    if pad is not None:
+        return default_tokenizer(pad_token_id=pad)
+    import transformers
+
     hf = transformers.CLIPTokenizer.from_pretrained(str(folder))
     vocab, merges = _read_vocab_and_merges(folder)
 
@@ -214,6 +225,44 @@ def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
     added = {t: i for t, i in sorted(hf.added_tokens_encoder.items(), key=lambda item: item[1]) if t not in vocab}
     return CLIPTokenizer(encode, pad_token_id=pad, vocab_and_merges=lambda: (vocab, merges), add_tokens=add_tokens,
                          added_tokens=added, bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)
+
+
+def _builtin_pad_id(folder: Path) -> int | None:
+    """The pad id when `folder` holds CLIP's own tokenizer, which the built-in one reproduces: a vocabulary and
+    merges (vocab.json + merges.txt, or tokenizer.json) equal to CLIP's, the standard special tokens (BOS, EOS,
+    unknown = EOS, a pad token of the vocabulary), lower case, 77 positions, no added or extra special tokens.
+    None when anything differs."""
+    if (folder / "added_tokens.json").exists():
+        return None
+    settings: dict = {}
+    added: list = []  # tokenizer.json's added tokens: the special ones, with their vocabulary ids
+    try:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (folder / name).is_file():
+                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+        vocab_and_merges = _read_vocab_and_merges(folder)
+        if (folder / "tokenizer.json").is_file():
+            added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []
+    except (ValueError, OSError, KeyError, TypeError):
+        return None  # transformers reports what is wrong with the files
+
+    def content(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    vocab = vocab_and_merges[0]
+    pad = content(settings.get("pad_token", EOS))
+    standard = (content(settings.get("bos_token", BOS)) == BOS and content(settings.get("eos_token", EOS)) == EOS
+                and content(settings.get("unk_token", EOS)) == EOS and pad in vocab
+                and settings.get("do_lower_case", True) is True
+                and settings.get("model_max_length", MODEL_MAX_LENGTH) == MODEL_MAX_LENGTH
+                and settings.get("tokenizer_class", "CLIPTokenizer") in ("CLIPTokenizer", "CLIPTokenizerFast")
+                and not settings.get("additional_special_tokens") and not settings.get("extra_special_tokens")
+                and all(vocab.get(content(token)) == int(i)
+                        for i, token in settings.get("added_tokens_decoder", {}).items())
+                and all(isinstance(t, dict) and vocab.get(t.get("content")) == t.get("id") for t in added))
+    if not standard or vocab_and_merges != clip_vocab_and_merges():
+        return None
+    return vocab[pad]
 
 
 def default_tokenizer(pad_token_id: int = EOS_ID) -> CLIPTokenizer:

@@ -110,7 +110,7 @@ def test_vocabulary_is_clips(folders):
 
 @pytest.mark.parametrize("family", sorted(PAD_IDS))
 def test_three_tokenizers_agree(folders, family):
-    builtin, loaded = default_tokenizer(PAD_IDS[family]), load_tokenizer(folders[family])
+    builtin, loaded = default_tokenizer(PAD_IDS[family]), load_tokenizer(folders[family], backend="transformers")
     hf = transformers.CLIPTokenizer.from_pretrained(str(folders[family]))
     assert len(hf) == VOCAB_SIZE and hf.pad_token_id == loaded.pad_token_id == PAD_IDS[family]
     lengths = [len(ids) for ids in hf(CORPUS, add_special_tokens=False)["input_ids"]]
@@ -139,7 +139,7 @@ def test_sd2_pad_token_is_split_out_like_transformers():
 
 @pytest.mark.parametrize("backend", ["builtin", "loaded"])
 def test_truncation_warns_never_silently(folders, backend):
-    tok = default_tokenizer() if backend == "builtin" else load_tokenizer(folders["sd1"])
+    tok = default_tokenizer() if backend == "builtin" else load_tokenizer(folders["sd1"], backend="transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         exact = tok("a " * 75)  # 75 tokens: BOS, 75 x "a", EOS fill all 77 places
@@ -162,6 +162,34 @@ def test_save_load_round_trip(folders, tmp_path, family):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         np.testing.assert_array_equal(again(CORPUS), default_tokenizer(PAD_IDS[family])(CORPUS))
+
+
+def test_load_tokenizer_takes_the_builtin_for_clips_own_files_only(folders, tmp_path):
+    """A folder of CLIP's own files (written by sdjax, or by transformers as tokenizer.json) loads as the built-in
+    tokenizer, without transformers; one with an added token, or another vocabulary, through transformers, with
+    transformers' ids."""
+    builtin = tokenizer.clip_vocab_and_merges
+    hf = transformers.CLIPTokenizer.from_pretrained(str(folders["sd2"]))
+    hf.save_pretrained(str(tmp_path / "by-transformers"))
+    for folder, pad in ((folders["sd1"], EOS_ID), (folders["sd2"], 0), (tmp_path / "by-transformers", 0)):
+        auto = load_tokenizer(folder)
+        assert auto.vocab_and_merges is builtin and auto.pad_token_id == pad, folder
+    prompts = ["a <cat-toy> on a table", "a photo of a cat"]
+    hf.add_tokens(["<cat-toy>"])
+    hf.save_pretrained(str(tmp_path / "added"))
+    (tmp_path / "renamed").mkdir()
+    for name in ("merges.txt", "special_tokens_map.json"):
+        (tmp_path / "renamed" / name).write_bytes((folders["sd1"] / name).read_bytes())
+    vocab = json.loads((folders["sd1"] / "vocab.json").read_text(encoding="utf-8"))
+    vocab["kitten</w>"], vocab["cat</w>"] = vocab.pop("cat</w>"), vocab.pop("kitten</w>")
+    (tmp_path / "renamed" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    for folder in (tmp_path / "added", tmp_path / "renamed"):
+        loaded = load_tokenizer(folder)
+        assert loaded.vocab_and_merges is not builtin, folder
+        np.testing.assert_array_equal(loaded(prompts), transformers_ids(folder, prompts))
+    assert not np.array_equal(load_tokenizer(tmp_path / "renamed")(prompts), default_tokenizer()(prompts))
+    with pytest.raises(ValueError, match="backend must be 'auto' or 'transformers'"):
+        load_tokenizer(folders["sd1"], backend="rust")
 
 
 def test_tokenizer_json_folder(folders, tmp_path):
