@@ -1,6 +1,6 @@
 """The offline demo (README's first command), shrunken: stage 1 (VAE), stage 2 (text encoder + UNet from scratch
-on the frozen VAE), the pink LoRA on top (configs/lora_shapes.py), sample.py and the evaluator's command line with
-that LoRA. It is also the test of the two-stage
+on the frozen VAE), the pink LoRA on top (configs/lora_shapes.py) and its two exported files in diffusers, sample.py
+and the evaluator's command line with that LoRA. It is also the test of the two-stage
 from-scratch recipe (configs/train_autoencoder.py + train_scratch.py run the same code on other sizes). The full-size
 run's accuracy is a benchmark (README), not a test.
 """
@@ -57,6 +57,7 @@ def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noq
           config="lora_shapes", env=env)
     adapter = tmp_path / "lora" / "lora" / "pink.safetensors"
     assert adapter.exists() and (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    trained_adapter_loads_in_diffusers(export, tmp_path / "lora" / "lora")
 
     samples = tmp_path / "samples"
     result = subprocess.run(
@@ -83,6 +84,38 @@ def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noq
         assert report[split]["n"] == 4 and len(report[split]["images"]) == 4
         assert all(0.0 <= report[split][k] <= 1.0 for k in ("color", "shape", "position", "all"))
     assert (out / "grid_train.png").exists() and (out / "table.md").read_text().startswith("| prompts |")
+
+
+def trained_adapter_loads_in_diffusers(export, folder):
+    """The adapter train.py trained, in both files it exported (kohya's pink.safetensors, diffusers'
+    pytorch_lora_weights.safetensors), loaded by diffusers' load_lora_weights: its UNet gives sdjax's output with
+    the adapter to 1e-4 (measured 4e-7), and the change the adapter makes to 1e-2 (it moves the output 3e-3)."""
+    import diffusers
+    import torch
+    from flax import nnx
+
+    pipe = sdjax.load_pretrained(export)
+    pipe.load_lora(folder / "pink.safetensors")
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 8, 8, pipe.unet.config.in_channels)).astype(np.float32)
+    context = rng.standard_normal((2, 8, pipe.text_encoder.config.hidden_size)).astype(np.float32)
+    ours = np.asarray(nnx.jit(lambda unet, x, c: unet(x, 500, c))(pipe.unet, latents, context), np.float64)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(str(export), safety_checker=None,
+                                                                  requires_safety_checker=False)
+
+    def theirs():
+        with torch.no_grad():
+            out = reference.unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)), 500, torch.from_numpy(context))
+        return out.sample.numpy().transpose(0, 2, 3, 1).astype(np.float64)
+
+    base = theirs()
+    for name in ("pink", "pytorch_lora_weights"):
+        reference.load_lora_weights(str(folder / f"{name}.safetensors"), adapter_name=name)
+        got = theirs()
+        reference.unload_lora_weights()
+        assert np.abs(got - base).max() > 1e-3 * np.abs(base).max(), name  # the adapter was applied
+        assert np.abs(ours - got).max() <= 1e-4 * np.abs(got).max(), name
+        assert np.abs((ours - base) - (got - base)).max() <= 1e-2 * np.abs(got - base).max(), name
 
 
 def test_evaluator_rejects_a_missing_checkpoint_and_an_unknown_colour(tmp_path):
