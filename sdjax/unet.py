@@ -1,10 +1,14 @@
-"""diffusers `UNet2DConditionModel` (SD 1.x / 2.x) in Flax NNX, NHWC.
+"""diffusers `UNet2DConditionModel` (SD 1.x / 2.x / XL) in Flax NNX, NHWC.
 
 Parameter paths mirror diffusers exactly (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, ...), so
 `sdjax.weights.torch_names.load_state_dict(unet, diffusers_state_dict)` loads a diffusers checkpoint.
 
     unet = UNet2DConditionModel(VARIANTS["sd15"], rngs=nnx.Rngs(0))
     eps = unet(latents_nhwc, timestep, encoder_hidden_states)       # (B, H, W, out_channels)
+
+SDXL's UNets (addition_embed_type="text_time") also take the pooled text embedding and the micro-conditioning
+ids, as diffusers: `unet(x, t, context, added_cond_kwargs={"text_embeds": (B, P), "time_ids": (B, 6)})` (the
+refiner's time ids are 5: original size, crop top-left, aesthetic score).
 """
 from __future__ import annotations
 
@@ -25,8 +29,7 @@ _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
 # Config keys for features SD 1.x / 2.x never use: any value but diffusers' default is refused by name.
 _UNSUPPORTED_DEFAULTS = {
-    "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
+    "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
     "resnet_time_scale_shift": "default", "attention_type": "default", "reverse_transformer_layers_per_block": None,
@@ -104,6 +107,13 @@ class UNetConfig:
                              "given by attention_head_dim")
         if self.norm_num_groups is None:
             raise ValueError("UNetConfig: norm_num_groups=None is not supported")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNetConfig: addition_embed_type={self.addition_embed_type!r} is not supported "
+                             "(SD 1.x/2.x use None, SDXL 'text_time')")
+        if self.addition_embed_type == "text_time" and not (isinstance(self.addition_time_embed_dim, int) and
+                                                             isinstance(self.projection_class_embeddings_input_dim, int)):
+            raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim (SDXL: 256 and 2816, the refiner 256 and 2560)")
         n = len(self.block_out_channels)
         for key, types, allowed in (("down_block_types", self.down_block_types, _DOWN_TYPES),
                                     ("up_block_types", self.up_block_types, _UP_TYPES)):
@@ -302,7 +312,7 @@ class UpBlock2D(nnx.Module):
         return x
 
 
-def _check_inputs(c: UNetConfig, sample, timestep, context) -> None:
+def _check_inputs(c: UNetConfig, sample, timestep, context, added_cond_kwargs) -> None:
     """Shape errors that would otherwise surface deep inside a conv or an einsum."""
     if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
         raise ValueError(f"UNet: sample must be NHWC latents (batch, height, width, {c.in_channels}), got shape "
@@ -316,6 +326,20 @@ def _check_inputs(c: UNetConfig, sample, timestep, context) -> None:
     if not (t_shape in ((), (1,)) or t_shape == (sample.shape[0],)):
         raise ValueError(f"UNet: timestep must be a scalar or one per image ({sample.shape[0]},), "
                          f"got shape {t_shape}")
+    if c.addition_embed_type == "text_time":
+        want = ("added_cond_kwargs={'text_embeds': (batch, pooled width), 'time_ids': (batch, n)}, with pooled "
+                f"width + n * {c.addition_time_embed_dim} = {c.projection_class_embeddings_input_dim}")
+        given = added_cond_kwargs or {}
+        if set(given) != {"text_embeds", "time_ids"}:
+            raise ValueError(f"UNet: this SDXL UNet (addition_embed_type='text_time') needs {want}; got "
+                             f"{sorted(given) if added_cond_kwargs is not None else 'none'}")
+        text, ids = jnp.shape(given["text_embeds"]), jnp.shape(given["time_ids"])
+        if (len(text) != 2 or len(ids) != 2 or text[0] != sample.shape[0] or ids[0] != sample.shape[0]
+                or text[1] + ids[1] * c.addition_time_embed_dim != c.projection_class_embeddings_input_dim):
+            raise ValueError(f"UNet: {want}; got text_embeds {text}, time_ids {ids} for a batch of {sample.shape[0]}")
+    elif added_cond_kwargs:
+        raise ValueError("UNet: added_cond_kwargs is for SDXL UNets (addition_embed_type='text_time'); this one "
+                         "takes none")
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -341,6 +365,8 @@ class UNet2DConditionModel(nnx.Module):
 
         self.conv_in = conv(c.in_channels, ch[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2, **kw)
         self.time_embedding = TimestepEmbedding(ch[0], ch[0] * 4, act_fn=c.act_fn, **kw)
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text + Fourier features of the size/crop ids
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, ch[0] * 4, **kw)
 
         self.down_blocks = nnx.List([
             DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=layers[i], add_downsample=i < n - 1,
@@ -365,14 +391,15 @@ class UNet2DConditionModel(nnx.Module):
     def _run(self, fn, *args):
         return (nnx.remat(fn) if self.remat else fn)(*args)
 
-    def __call__(self, sample, timestep, encoder_hidden_states, *, down_block_additional_residuals=None,
-                 mid_block_additional_residual=None):
+    def __call__(self, sample, timestep, encoder_hidden_states, *, added_cond_kwargs=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample (B, H, W, in_channels); timestep scalar or (B,), int or float; encoder_hidden_states (B, L, D).
 
-        The optional residuals are ControlNet's, added to the skip connections and the mid-block output.
+        added_cond_kwargs: SDXL's {"text_embeds": (B, P), "time_ids": (B, N)}, as diffusers (no other UNet takes
+        it). The optional residuals are ControlNet's, added to the skip connections and the mid-block output.
         """
         c = self.config
-        _check_inputs(c, sample, timestep, encoder_hidden_states)
+        _check_inputs(c, sample, timestep, encoder_hidden_states, added_cond_kwargs)
         B = sample.shape[0]
         x = sample.astype(self.dtype)
         if c.center_input_sample:
@@ -380,6 +407,12 @@ class UNet2DConditionModel(nnx.Module):
         t = jnp.broadcast_to(jnp.asarray(timestep).reshape(-1), (B,))
         t_emb = get_timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         emb = self.time_embedding(t_emb.astype(self.dtype))
+        if c.addition_embed_type == "text_time":  # each id its own sinusoid features, concatenated per image
+            ids = jnp.asarray(added_cond_kwargs["time_ids"]).reshape(-1)
+            id_emb = get_timestep_embedding(ids, c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            add = jnp.concatenate([jnp.asarray(added_cond_kwargs["text_embeds"]).astype(jnp.float32),
+                                   id_emb.reshape(B, -1)], axis=-1)
+            emb = emb + self.add_embedding(add.astype(self.dtype))
         context = encoder_hidden_states.astype(self.dtype)
 
         x = self.conv_in(x)
@@ -425,6 +458,30 @@ _SHAPES = UNetConfig(sample_size=16, block_out_channels=(32, 64, 128), layers_pe
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                      cross_attention_dim=64, attention_head_dim=4)
 
+# SDXL: three levels (the first without attention), 1/2/10 transformer layers, head dim 64, 2048-wide context (CLIP
+# ViT-L's 768 + OpenCLIP ViT-bigG's 1280), and the pooled bigG embedding (1280) + 6 size/crop ids x 256 added to the
+# time embedding. The refiner: four levels of 384-1536 channels, 4 layers, bigG's context alone, 5 ids (the
+# aesthetic score in place of the target size).
+_SDXL = UNetConfig(sample_size=128, block_out_channels=(320, 640, 1280),
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                   cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=1280 + 6 * 256)
+_SDXL_REFINER = UNetConfig(sample_size=128, block_out_channels=(384, 768, 1536, 1536),
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                             "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
+                           use_linear_projection=True, cross_attention_dim=1280, addition_embed_type="text_time",
+                           addition_time_embed_dim=256, projection_class_embeddings_input_dim=1280 + 5 * 256)
+_TINY_SDXL = UNetConfig(sample_size=32, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
+                        addition_embed_type="text_time", addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=32 + 6 * 8)
+
 VARIANTS = {
     "sd15": _SD15,
     "sd15_inpaint": dataclasses.replace(_SD15, in_channels=9),
@@ -435,4 +492,7 @@ VARIANTS = {
                                     upcast_attention=True),
     "tiny_inpaint": dataclasses.replace(_TINY, in_channels=9),
     "shapes": _SHAPES,
+    "sdxl": _SDXL,
+    "sdxl_refiner": _SDXL_REFINER,
+    "tiny_sdxl": _TINY_SDXL,
 }

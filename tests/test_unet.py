@@ -33,9 +33,22 @@ REFERENCES = {
     "shapes": dict(_LEVELS, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=4,
                    cross_attention_dim=64, downsample_padding=0),
+    # SDXL: a plain first level, 1 and 2 transformer layers, linear projections, the pooled text embedding (24 wide
+    # here) + 6 size/crop ids of 8 Fourier features each added to the time embedding
+    "sdxl": dict(_LEVELS, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                 transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+                 cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=24 + 6 * 8),
+    # the refiner's: 5 ids (the aesthetic score in place of the target size), a plain last level
+    "sdxl_refiner": dict(_LEVELS, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                         transformer_layers_per_block=2, attention_head_dim=(2, 4), use_linear_projection=True,
+                         cross_attention_dim=48, addition_embed_type="text_time", addition_time_embed_dim=8,
+                         projection_class_embeddings_input_dim=24 + 5 * 8),
 }
 FULL_SIZE_PARAMS = {"sd15": 859_520_964, "sd15_inpaint": 859_535_364, "sd21_base": 865_910_724,
-                    "sd21": 865_910_724}
+                    "sd21": 865_910_724, "sdxl": 2_567_463_684, "sdxl_refiner": 2_259_526_660}
 
 
 def rel_err(a, b):
@@ -65,8 +78,8 @@ def abstract_param_count(cfg):
 
 
 @nnx.jit
-def apply(unet, x, t, context):
-    return unet(x, t, context)
+def apply(unet, x, t, context, added=None):
+    return unet(x, t, context, added_cond_kwargs=added)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +108,23 @@ def inputs(cfg, height, width, seed=0):
     return x, context
 
 
-def run_diffusers(ref, x, t, context):
+def added_inputs(cfg, seed=0):
+    """SDXL's added conditioning: a pooled text embedding and size/crop (/aesthetic score) ids as the pipelines
+    give them (floats: 1024, 768, 0, 0, ... or a score of 6), or None for a UNet without it."""
+    if cfg.addition_embed_type != "text_time":
+        return None
+    n_ids = 6 if (cfg.projection_class_embeddings_input_dim - 24) // cfg.addition_time_embed_dim == 6 else 5
+    rng = np.random.default_rng(seed)
+    ids = [[1024.0, 768.0, 0.0, 32.0, 1024.0, 1024.0], [512.0, 512.0, 16.0, 0.0, 896.0, 1152.0]] if n_ids == 6 else \
+        [[1024.0, 1024.0, 0.0, 0.0, 6.0], [768.0, 512.0, 8.0, 0.0, 2.5]]
+    return {"text_embeds": rng.standard_normal((2, 24)).astype(np.float32), "time_ids": np.asarray(ids, np.float32)}
+
+
+def run_diffusers(ref, x, t, context, added=None):
+    kwargs = {"added_cond_kwargs": {k: torch.from_numpy(v) for k, v in added.items()}} if added else {}
     with torch.no_grad():
         out = ref(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.as_tensor(t),
-                  torch.from_numpy(context)).sample
+                  torch.from_numpy(context), **kwargs).sample
     return out.numpy().transpose(0, 2, 3, 1)
 
 
@@ -127,14 +153,20 @@ CASES = {"16x16-scalar-t": (16, 16, 500), "9x13-per-image-t": (9, 13, np.array([
 
 # (and sd1 at 9x13 with ControlNet residuals below)
 @pytest.mark.parametrize("name, case", [("sd1", "16x16-scalar-t"), ("sd2", "9x13-per-image-t"),
-                                        ("inpaint", "16x16-scalar-t"), ("shapes", "9x13-per-image-t")])
+                                        ("inpaint", "16x16-scalar-t"), ("shapes", "9x13-per-image-t"),
+                                        ("sdxl", "9x13-per-image-t"), ("sdxl_refiner", "16x16-scalar-t")])
 def test_matches_diffusers(references, name, case):
     ref, unet = references(name)
     height, width, timestep = CASES[case]
     x, context = inputs(unet.config, height, width)
-    out = apply(unet, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context))
+    added = added_inputs(unet.config)
+    out = apply(unet, jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(context), added)
     assert out.shape == (2, height, width, 4) and out.dtype == jnp.float32
-    assert rel_err(out, run_diffusers(ref, x, timestep, context)) <= 1e-4
+    expected = run_diffusers(ref, x, timestep, context, added)
+    assert rel_err(out, expected) <= 1e-4
+    if added is not None:  # the added conditioning matters: other ids give another output
+        other = dict(added, time_ids=added["time_ids"][::-1].copy())
+        assert rel_err(run_diffusers(ref, x, timestep, context, other), expected) > 1e-3
 
 
 def controlnet_residuals(cfg, height, width, seed=1):
@@ -255,7 +287,8 @@ TINY = VARIANTS["tiny"].to_diffusers()
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(addition_embed_type="text_time"), r"addition_embed_type='text_time' is not supported"),
+    (dict(addition_embed_type="text_time"), r"addition_embed_type='text_time' needs addition_time_embed_dim"),
+    (dict(addition_embed_type="image"), r"addition_embed_type='image' is not supported"),
     (dict(class_embed_type="timestep"), r"class_embed_type='timestep' is not supported"),
     (dict(time_embedding_type="fourier"), r"time_embedding_type='fourier' is not supported"),
     (dict(resnet_time_scale_shift="scale_shift"), r"resnet_time_scale_shift='scale_shift' is not supported"),
@@ -290,3 +323,14 @@ def test_call_rejects_wrong_shapes():
         jax.eval_shape(lambda: unet(jnp.asarray(x), 1, jnp.asarray(context[..., :5])))
     with pytest.raises(ValueError, match=r"timestep"):
         jax.eval_shape(lambda: unet(jnp.asarray(x), jnp.arange(3), jnp.asarray(context)))
+    with pytest.raises(ValueError, match=r"added_cond_kwargs is for SDXL UNets"):
+        jax.eval_shape(lambda: unet(jnp.asarray(x), 1, jnp.asarray(context), added_cond_kwargs={"time_ids": 1}))
+    cfg = VARIANTS["tiny_sdxl"]
+    sdxl = build(cfg)
+    x, context = inputs(cfg, 8, 8)
+    ids = jnp.zeros((2, 6))
+    with pytest.raises(ValueError, match=r"SDXL UNet .* needs added_cond_kwargs=.*got none"):
+        jax.eval_shape(lambda: sdxl(jnp.asarray(x), 1, jnp.asarray(context)))
+    with pytest.raises(ValueError, match=r"pooled width \+ n \* 8 = 80; got text_embeds \(2, 24\), time_ids \(2, 6\)"):
+        jax.eval_shape(lambda: sdxl(jnp.asarray(x), 1, jnp.asarray(context),
+                                    added_cond_kwargs={"text_embeds": jnp.zeros((2, 24)), "time_ids": ids}))
