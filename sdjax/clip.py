@@ -58,7 +58,8 @@ class CLIPTextConfig:
     pad_token_id: int = 1
     bos_token_id: int = 49406
     eos_token_id: int = 49407
-    projection_dim: int = 512  # the CLIP projection head's width; the text encoder has no such layer
+    projection_dim: int = 512  # the CLIP projection head's width (text_projection's output, when present)
+    with_projection: bool = False  # transformers' CLIPTextModelWithProjection (SDXL's second encoder)
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -83,12 +84,17 @@ class CLIPTextConfig:
             raise ValueError(f"text encoder config has model_type {d['model_type']!r}: Stable Diffusion's text "
                              "encoder is a CLIP text model ('clip_text_model')")
         projection_dim = d.get("projection_dim", cls.projection_dim)
+        with_projection = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
+        d.pop("with_projection", None)
         config = modelconfig.from_dict(cls, d, ignore=_GENERIC_KEYS)
-        return dataclasses.replace(config, projection_dim=projection_dim)
+        return dataclasses.replace(config, projection_dim=projection_dim, with_projection=with_projection)
 
     def to_transformers(self) -> dict:
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0,
-                "initializer_factor": 1.0, "initializer_range": 0.02, **modelconfig.to_dict(self)}
+        d = modelconfig.to_dict(self)
+        del d["with_projection"]  # transformers reads it off the class, as "architectures" names it
+        return {"architectures": ["CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"],
+                "model_type": "clip_text_model", "attention_dropout": 0.0, "initializer_factor": 1.0,
+                "initializer_range": 0.02, **d}
 
 
 VARIANTS = {
@@ -104,6 +110,12 @@ VARIANTS = {
     # The offline shapes demo's text encoder: 64 wide, 2 layers (3.3M parameters, 3.2M of them embeddings).
     "shapes": CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                              projection_dim=64),
+    # SDXL's second encoder, OpenCLIP ViT-bigG/14's text tower with its projection: 694,659,840 parameters (the
+    # first is "sd15"'s ViT-L).
+    "sdxl_g": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                             hidden_act="gelu", pad_token_id=1, projection_dim=1280, with_projection=True),
+    "tiny_sdxl_g": CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
+                                  hidden_act="gelu", projection_dim=48, with_projection=True),
 }
 
 
@@ -169,7 +181,8 @@ class CLIPEncoder(nnx.Module):
 
 
 class CLIPTextEncoder(nnx.Module):
-    """transformers' CLIPTextModel (its `text_model`), without dropout (SD never uses it)."""
+    """transformers' CLIPTextModel (its `text_model`), without dropout (SD never uses it); with
+    `config.with_projection`, CLIPTextModelWithProjection (its `text_model` and `text_projection`)."""
 
     def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  attention_impl: str = "einsum", rngs: nnx.Rngs):
@@ -178,13 +191,16 @@ class CLIPTextEncoder(nnx.Module):
         self.embeddings = CLIPEmbeddings(config, **kw)
         self.encoder = CLIPEncoder(config, attention_impl=attention_impl, **kw)
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
+        if config.with_projection:
+            self.text_projection = linear(config.hidden_size, config.projection_dim, use_bias=False, **kw)
 
     def encode(self, input_ids, *, num_layers: int | None = None) -> dict:
         """transformers' outputs for int token ids (B, L):
 
         last_hidden_state (B, L, D): the last layer, final-layer-normed;
         pooler_output (B, D): last_hidden_state at each row's EOS token;
-        hidden_states: the embeddings and every layer's output (num_layers + 1 entries, not normed).
+        hidden_states: the embeddings and every layer's output (num_layers + 1 entries, not normed);
+        text_embeds (B, projection_dim): text_projection(pooler_output), with `config.with_projection`.
         `num_layers` stops after that many layers (the rest are not computed).
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -194,8 +210,11 @@ class CLIPTextEncoder(nnx.Module):
             x = layer(x)
             hidden_states.append(x)
         last = self.final_layer_norm(x)
-        return {"last_hidden_state": last, "pooler_output": _pool(last, input_ids, self.config.eos_token_id),
-                "hidden_states": tuple(hidden_states)}
+        out = {"last_hidden_state": last, "pooler_output": _pool(last, input_ids, self.config.eos_token_id),
+               "hidden_states": tuple(hidden_states)}
+        if self.config.with_projection:
+            out["text_embeds"] = self.text_projection(out["pooler_output"])
+        return out
 
     def __call__(self, input_ids, clip_skip: int = 0):
         """The UNet's context (B, L, D): the output of the last layer, or with `clip_skip=k` of the layer
@@ -204,6 +223,30 @@ class CLIPTextEncoder(nnx.Module):
         if not 0 <= clip_skip < n:
             raise ValueError(f"clip_skip={clip_skip} must be in [0, {n - 1}] for a {n}-layer text encoder")
         return self.encode(input_ids, num_layers=n - clip_skip)["last_hidden_state"]
+
+
+def sdxl_conditioning(encoders, input_ids, clip_skip: int = 0):
+    """SDXL's text conditioning, as diffusers' StableDiffusionXLPipeline.encode_prompt computes it.
+
+    encoders: (ViT-L, ViT-bigG with projection) for the base model, (ViT-bigG,) for the refiner; input_ids: one
+    (B, L) array per encoder (its own tokenizer's). Returns (context, pooled): each encoder's hidden state
+    `clip_skip + 1` layers before its last (the penultimate by default), not final-layer-normed, concatenated
+    along the features (B, L, 768 + 1280); and the last encoder's projected pooled output (B, 1280).
+    """
+    if len(encoders) != len(input_ids):
+        raise ValueError(f"sdxl_conditioning: {len(encoders)} text encoders, {len(input_ids)} id arrays")
+    if not encoders[-1].config.with_projection:
+        raise ValueError("sdxl_conditioning: the last text encoder must have a text_projection (ViT-bigG's)")
+    states = []
+    for k, (encoder, ids) in enumerate(zip(encoders, input_ids)):
+        n = encoder.config.num_hidden_layers
+        if not 0 <= clip_skip < n - 1:
+            raise ValueError(f"clip_skip={clip_skip} must be in [0, {n - 2}] for a {n}-layer text encoder")
+        last = k == len(encoders) - 1  # its pooled output needs every layer
+        out = encoder.encode(ids, num_layers=None if last else n - 1 - clip_skip)
+        states.append(out["hidden_states"][-(clip_skip + 2) if last else -1])
+        pooled = out.get("text_embeds")
+    return jnp.concatenate(states, axis=-1), pooled
 
 
 def _pool(last_hidden_state, input_ids, eos_token_id: int):

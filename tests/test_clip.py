@@ -117,19 +117,21 @@ def test_bf16_compute_with_fp32_params(pair):
     assert rel_err(out, ours(ids)) < 5e-2
 
 
-@pytest.mark.parametrize("name,count", [("sd15", 123_060_480), ("sd21", 340_387_840)])
+@pytest.mark.parametrize("name,count", [("sd15", 123_060_480), ("sd21", 340_387_840), ("sdxl_g", 694_659_840)])
 def test_full_size_parameter_counts(name, count):
     assert param_count(build(VARIANTS[name])) == count
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_config_round_trips_through_transformers(name):
+    """to_transformers names the class (CLIPTextModel, or CLIPTextModelWithProjection: SDXL's second encoder) that
+    builds a model of this one's parameter count, and reads back as the same config."""
     cfg = VARIANTS[name]
-    ref_cfg = transformers.CLIPTextConfig(**{k: v for k, v in cfg.to_transformers().items()
-                                             if k not in ("architectures", "model_type")})
-    assert CLIPTextConfig.from_transformers(ref_cfg.to_dict()) == cfg
+    d = cfg.to_transformers()
+    ref_cfg = transformers.CLIPTextConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    assert CLIPTextConfig.from_transformers(dict(ref_cfg.to_dict(), architectures=d["architectures"])) == cfg
     with torch.device("meta"):
-        ref = transformers.CLIPTextModel(ref_cfg)
+        ref = getattr(transformers, d["architectures"][0])(ref_cfg)
     assert param_count(build(cfg)) == sum(p.numel() for p in ref.parameters())
 
 

@@ -136,3 +136,60 @@ def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False, **lay
     path = Path(tmp) / f"tiny-{family}{'-inpaint' if inpaint else ''}"
     tiny_pipeline(tmp, family, inpaint, **layout).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------- SDXL
+SDXL_POOLED = 64  # the tiny ViT-bigG stand-in's projection width (1280 in SDXL)
+SDXL_TIME_DIM = 8  # Fourier features per size/crop id (256 in SDXL)
+
+
+def tiny_clip_with_projection(num_hidden_layers: int = 3):
+    """transformers CLIPTextModelWithProjection shaped like SDXL's second encoder (OpenCLIP gelu, head dim 64, a
+    bias-free text_projection), tiny."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=CLIP_HIDDEN, intermediate_size=256,
+                            num_hidden_layers=num_hidden_layers, num_attention_heads=CLIP_HIDDEN // 64,
+                            max_position_embeddings=77, hidden_act="gelu", projection_dim=SDXL_POOLED,
+                            layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(6)
+    return perturb_(CLIPTextModelWithProjection(config), 6)
+
+
+def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4):
+    """SDXL's UNet layout, tiny: a plain first level, then cross-attention with 2 transformer layers, linear
+    projections, the added text_time conditioning (the pooled embedding + 6 ids, or the refiner's 5)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(7)
+    cross = CLIP_HIDDEN if refiner else 2 * CLIP_HIDDEN  # the refiner: the second encoder's context alone
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=cross, norm_num_groups=16, addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED + (5 if refiner else 6) * SDXL_TIME_DIM)
+    return perturb_(unet, 7 + refiner)
+
+
+def tiny_sdxl_pipeline(tmp, refiner: bool = False):
+    """diffusers' StableDiffusionXLPipeline (or, refiner=True, StableDiffusionXLImg2ImgPipeline with the second
+    encoder only and aesthetic-score conditioning) of tiny random models: a 3-layer CLIP ViT-L stand-in, the
+    projection encoder above, SDXL's VAE scaling factor (0.13025), Euler discrete as SDXL ships."""
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
+
+    vae = tiny_vae(1024)
+    vae.register_to_config(scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    tokenizer_2 = tiny_tokenizer(Path(tmp) / "tokenizer_2_files", "sd2")  # pads with "!", as OpenCLIP
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=tiny_clip_with_projection(), tokenizer=None,
+            tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(refiner=True), scheduler=scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=tiny_clip("quick_gelu", num_hidden_layers=3), text_encoder_2=tiny_clip_with_projection(),
+        tokenizer=tiny_tokenizer(Path(tmp) / "tokenizer_files"), tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(),
+        scheduler=scheduler, force_zeros_for_empty_prompt=True)
