@@ -40,6 +40,9 @@ class StableDiffusion:
     text_encoder: `sdjax.clip.CLIPTextEncoder`; unet: `sdjax.unet.UNet2DConditionModel`;
     vae: `sdjax.autoencoder.AutoencoderKL`; tokenizer: `sdjax.tokenizer.CLIPTokenizer`;
     scheduler_config: the diffusers `scheduler_config.json` fields as a dict.
+    SDXL adds text_encoder_2 (ViT-bigG with its projection) and tokenizer_2; its refiner has only those (text_encoder
+    and tokenizer None). options: the pipeline's own model_index.json settings (SDXL's
+    force_zeros_for_empty_prompt, requires_aesthetics_score).
     """
 
     text_encoder: Any
@@ -47,10 +50,16 @@ class StableDiffusion:
     vae: Any
     tokenizer: Any
     scheduler_config: dict
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def family(self) -> str:
-        """"sd1" or "sd2", from the text encoder (SD 2.x uses OpenCLIP ViT-H, 1024 wide, gelu)."""
+        """"sdxl" (the UNet's added text_time conditioning), else "sd1" or "sd2" from the text encoder (SD 2.x uses
+        OpenCLIP ViT-H, 1024 wide, gelu)."""
+        if self.unet.config.addition_embed_type == "text_time":
+            return "sdxl"
         return self.text_encoder.config.family
 
     @property
@@ -360,6 +369,9 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     of the latents, `sdjax.autoencoder.approx_decode`, upscaled from latent resolution by repeating pixels:
     almost free, blurry colours), or "latent": the x̂₀ latents themselves, float32 (B, frames, h, w, C).
     """
+    if pipe.family == "sdxl":
+        raise NotImplementedError("SDXL sampling is not in sdjax yet (its UNet, text encoders and folders are: "
+                                  "sdjax.clip.sdxl_conditioning and the UNet's added_cond_kwargs)")
     prompts = _as_list(prompts)
     B = len(prompts)
     if B == 0:

@@ -102,37 +102,64 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
                      f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
 
 
+# model_index.json settings of SDXL's pipelines, kept in StableDiffusion.options and written back
+_SDXL_OPTIONS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
+
+
+def _present(index: dict, part: str) -> bool:
+    """Whether model_index.json names a component (SDXL's refiner lists "text_encoder": [null, null])."""
+    entry = index.get(part)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+
 def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
     index = df.read_json(path / "model_index.json")
-    for part in ("unet", "vae", "text_encoder"):
-        if part not in index:
+    text_parts = [p for p in ("text_encoder", "text_encoder_2") if _present(index, p)]
+    for part in ("unet", "vae"):
+        if not _present(index, part):
             raise ValueError(f"{path}/model_index.json names no {part!r}: not a Stable Diffusion pipeline "
                              f"(found {sorted(k for k in index if not k.startswith('_'))})")
+    if not text_parts:
+        raise ValueError(f"{path}/model_index.json names no text encoder ('text_encoder', or SDXL's "
+                         "'text_encoder_2'): not a Stable Diffusion pipeline")
     unet_cfg = UNetConfig.from_diffusers(df.read_json(path / "unet" / "config.json"))
     vae_cfg = AutoencoderKLConfig.from_diffusers(df.read_json(path / "vae" / "config.json"))
-    text_cfg = CLIPTextConfig.from_transformers(df.read_json(path / "text_encoder" / "config.json"))
+    text_cfgs = {p: CLIPTextConfig.from_transformers(df.read_json(path / p / "config.json")) for p in text_parts}
+    family = "sdxl" if unet_cfg.addition_embed_type == "text_time" else text_cfgs[text_parts[0]].family
+    if family != "sdxl" and text_parts != ["text_encoder"]:
+        raise ValueError(f"{path}: a text_encoder_2 beside a UNet without SDXL's added conditioning "
+                         f"(addition_embed_type={unet_cfg.addition_embed_type!r}): not an SD pipeline sdjax knows")
     with ThreadPoolExecutor(threads()) as pool:  # the largest first: its tensors convert while the rest is built
         unet = _submit(pool, UNet2DConditionModel, unet_cfg, df.read_weights(path / "unet", df.WEIGHT_NAMES["unet"]),
                        what=f"{path}/unet", **kwargs)
         vae = _submit(pool, AutoencoderKL, vae_cfg, df.read_weights(path / "vae", df.WEIGHT_NAMES["vae"]),
                       what=f"{path}/vae", **kwargs)
-        text_encoder = _submit(
-            pool, CLIPTextEncoder, text_cfg,
-            strip_text_model_prefix(df.read_weights(path / "text_encoder", df.WEIGHT_NAMES["text_encoder"])),
-            what=f"{path}/text_encoder", ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
-        if has_tokenizer_files(path / "tokenizer"):
-            tokenizer = load_tokenizer(path / "tokenizer")
-        else:
-            log.warning("%s has no tokenizer/ files; using the built-in CLIP tokenizer", path)
-            tokenizer = default_tokenizer(pad_token_id=_PAD_IDS[text_cfg.family])
-        unet, vae, text_encoder = unet(), vae(), text_encoder()
+        encoders, tokenizers = {}, {}
+        for part in text_parts:
+            encoders[part] = _submit(
+                pool, CLIPTextEncoder, text_cfgs[part],
+                strip_text_model_prefix(df.read_weights(path / part, df.WEIGHT_NAMES["text_encoder"])),
+                what=f"{path}/{part}", ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
+            folder = path / part.replace("text_encoder", "tokenizer")
+            if has_tokenizer_files(folder):
+                tokenizers[part] = load_tokenizer(folder)
+            else:
+                log.warning("%s has no %s/ files; using the built-in CLIP tokenizer", path, folder.name)
+                tokenizers[part] = default_tokenizer(pad_token_id=_PAD_IDS[text_cfgs[part].family])
+        unet, vae = unet(), vae()
+        encoders = {part: done() for part, done in encoders.items()}
     sched_file = path / "scheduler" / "scheduler_config.json"
     if sched_file.exists():
         scheduler_config = df.read_json(sched_file)
+    elif family == "sdxl":
+        raise FileNotFoundError(f"{path} has no scheduler/scheduler_config.json (an SDXL folder ships one)")
     else:
-        log.warning("%s has no scheduler/scheduler_config.json; using the %s default", path, text_cfg.family)
-        scheduler_config = copy.deepcopy(variants.SCHEDULERS[text_cfg.family])
-    return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
+        log.warning("%s has no scheduler/scheduler_config.json; using the %s default", path, family)
+        scheduler_config = copy.deepcopy(variants.SCHEDULERS[family])
+    options = {k: index.get(k, v) for k, v in _SDXL_OPTIONS.items()} if family == "sdxl" else {}
+    return StableDiffusion(encoders.get("text_encoder"), unet, vae, tokenizers.get("text_encoder"), scheduler_config,
+                           text_encoder_2=encoders.get("text_encoder_2"),
+                           tokenizer_2=tokenizers.get("text_encoder_2"), options=options)
 
 
 _CONFIG_METADATA = "sdjax_configs"  # safetensors metadata key: the exact configs of a file sdjax wrote
@@ -175,9 +202,13 @@ def _state_dicts(pipe: StableDiffusion, dtype, what):
 
     def cast(sd):
         return {k: v.astype(dtype) for k, v in sd.items()} if dtype is not None else sd
-    # text_model.*: the key layout of every released SD text encoder (transformers 4 and 5 both load it)
-    return (cast(to_state_dict(pipe.unet)), cast(to_state_dict(pipe.vae)),
-            cast(to_state_dict(pipe.text_encoder, prefix="text_model.")))
+    def text(encoder):  # text_model.*: the key layout of every released SD text encoder (transformers 4 and 5 read
+        sd = to_state_dict(encoder, prefix="text_model.")  # it); SDXL's text_projection sits beside text_model
+        return cast({k.replace("text_model.text_projection.", "text_projection."): v for k, v in sd.items()})
+
+    texts = {part: text(e) for part, e in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2))
+             if e is not None}
+    return cast(to_state_dict(pipe.unet)), cast(to_state_dict(pipe.vae)), texts
 
 
 def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=None) -> Path:
@@ -189,29 +220,37 @@ def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=N
     dtype: numpy dtype for the stored weights (default: the parameters' own dtype).
     """
     folder = Path(folder)
-    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype, folder)  # before mkdir: a refused save leaves nothing
+    unet_sd, vae_sd, text_sds = _state_dicts(pipe, dtype, folder)  # before mkdir: a refused save leaves nothing
     folder.mkdir(parents=True, exist_ok=True)
     df.write_weights(unet_sd, folder / "unet", df.WEIGHT_NAMES["unet"])
     df.write_json(pipe.unet.config.to_diffusers(), folder / "unet" / "config.json")
     df.write_weights(vae_sd, folder / "vae", df.WEIGHT_NAMES["vae"])
     df.write_json(pipe.vae.config.to_diffusers(), folder / "vae" / "config.json")
-    df.write_weights(text_sd, folder / "text_encoder", df.WEIGHT_NAMES["text_encoder"])
-    df.write_json(pipe.text_encoder.config.to_transformers(), folder / "text_encoder" / "config.json")
-    pipe.tokenizer.save(folder / "tokenizer")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None]}
+    if pipe.family == "sdxl":  # the refiner (no first encoder) is diffusers' img2img pipeline
+        index = {"_class_name": "StableDiffusionXLPipeline" if pipe.text_encoder is not None
+                 else "StableDiffusionXLImg2ImgPipeline", "_diffusers_version": "0.30.0",
+                 "feature_extractor": [None, None], "image_encoder": [None, None],
+                 **{k: pipe.options.get(k, v) for k, v in _SDXL_OPTIONS.items()}}
+    for part, encoder, tokenizer in (("text_encoder", pipe.text_encoder, pipe.tokenizer),
+                                     ("text_encoder_2", pipe.text_encoder_2, pipe.tokenizer_2)):
+        tokenizer_part = part.replace("text_encoder", "tokenizer")
+        if encoder is None:
+            if pipe.family == "sdxl":
+                index.update({part: [None, None], tokenizer_part: [None, None]})
+            continue
+        df.write_weights(text_sds[part], folder / part, df.WEIGHT_NAMES["text_encoder"])
+        config = encoder.config.to_transformers()
+        df.write_json(config, folder / part / "config.json")
+        tokenizer.save(folder / tokenizer_part)
+        index.update({part: ["transformers", config["architectures"][0]],
+                      tokenizer_part: ["transformers", "CLIPTokenizer"]})
     (folder / "scheduler").mkdir(exist_ok=True)
     df.write_json(pipe.scheduler_config, folder / "scheduler" / "scheduler_config.json")
-    df.write_json({
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "PNDMScheduler")],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }, folder / "model_index.json")
+    index.update({"scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "PNDMScheduler")],
+                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+    df.write_json(dict(sorted(index.items())), folder / "model_index.json")
     return folder
 
 
@@ -231,7 +270,11 @@ def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=No
         raise ValueError(f"{path}: this pipeline holds textual inversion tokens {sorted(added)[:4]}, and a single file "
                          "has no tokenizer to name their rows (A1111 keeps embeddings in files of their own): save "
                          "with save_pretrained, or load the model again without the embeddings")
-    unet_sd, vae_sd, text_sd = _state_dicts(pipe, dtype, path)
+    if pipe.family == "sdxl":
+        raise ValueError(f"{path}: SDXL single files (conditioner.embedders.*) are not written yet; save with "
+                         "save_pretrained (a diffusers folder, which diffusers and sdjax load)")
+    unet_sd, vae_sd, text_sds = _state_dicts(pipe, dtype, path)
+    text_sd = text_sds["text_encoder"]
     path.parent.mkdir(parents=True, exist_ok=True)
     info = single_file.info_from_configs(pipe.unet.config.to_diffusers(), pipe.vae.config.to_diffusers(),
                                          pipe.text_encoder.config.to_transformers())
