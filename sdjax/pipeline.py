@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdjax import sampling, schedulers
 from sdjax.autoencoder import approx_decode, from_latents, to_latents
-from sdjax.prompts import encode_prompts, tokenize_prompts
+from sdjax.clip import sdxl_conditioning
+from sdjax.prompts import apply_emphasis, encode_prompts, tokenize_prompts
 
 
 @dataclasses.dataclass
@@ -140,6 +141,7 @@ class _Static:
     normalize_emphasis: bool  # A1111's emphasis keeps each chunk's mean (False: "No norm")
     trajectory_every: int = 0  # also return x̂₀ of model calls 0, k, 2k, ... and the last; 0: not
     trajectory_decoder: str = "vae"  # "vae" | "approx" | "latent"
+    zero_uncond: bool = False  # SDXL without a negative prompt: zeros as the unconditional context and pooled
 
 
 def _hashable(value):
@@ -174,29 +176,58 @@ def initial_noise(seeds, indices, shape):
     return noise, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
 
 
-def _denoise(graphdef, state, ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, guidance_scale,
-             guidance_rescale, *, static: _Static):
+def _denoise(graphdef, state, ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, time_ids,
+             guidance_scale, guidance_rescale, *, static: _Static):
     modules = nnx.merge(graphdef, state)
-    batch = (ids, neg_ids, weights, neg_weights, seeds, indices, images, masks)
+    batch = (ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, time_ids)
     if not static.batch_invariant:
         return _denoise_batch(modules, *batch, guidance_scale, guidance_rescale, static=static)
     return jax.lax.map(lambda item: jax.tree.map(lambda a: a[0], _denoise_batch(
         modules, *(a[None] for a in item), guidance_scale, guidance_rescale, static=static)), batch)
 
 
-def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, guidance_scale,
-                   guidance_rescale, *, static: _Static):
-    text_encoder, unet, vae = modules
+def _encode_sdxl(encoders, ids, weights, *, clip_skip: int, normalize: bool):
+    """SDXL: ids, weights (B, encoders, chunks, 77) -> context (B, 77 chunks, 768 + 1280), pooled (B, 1280).
+    Each chunk is encoded alone (`sdjax.clip.sdxl_conditioning`) and each encoder's part gets the emphasis apart,
+    as A1111 does; the pooled embedding is the first chunk's."""
+    B, n, k, length = ids.shape
+    context, pooled = sdxl_conditioning(encoders, [ids[:, e].reshape(-1, length) for e in range(n)],
+                                        clip_skip=clip_skip)
+    widths = np.cumsum([e.config.hidden_size for e in encoders])[:-1].tolist()
+    flat_weights = weights[:, 0].reshape(-1, length)
+    context = jnp.concatenate([apply_emphasis(part, flat_weights, normalize=normalize)
+                               for part in jnp.split(context, widths, axis=-1)], axis=-1)
+    return context.reshape(B, k * length, -1), pooled.reshape(B, k, -1)[:, 0]
+
+
+def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, time_ids,
+                   guidance_scale, guidance_rescale, *, static: _Static):
+    text_encoder, text_encoder_2, unet, vae = modules
     scaling = vae.config.latent_scaling
     f = vae.config.downsample_factor
     h, w = static.height // f, static.width // f
     scheduler_config = _unhashable(static.scheduler)
 
-    # ids, weights: (B, chunks, 77) -> context (B, 77 chunks, D) (sdjax.prompts)
-    encode = functools.partial(encode_prompts, text_encoder, clip_skip=static.clip_skip,
-                               normalize=static.normalize_emphasis)
-    context = encode(ids, weights)
-    uncond = encode(neg_ids, neg_weights) if static.guidance else context
+    # ids, weights: (B, chunks, 77) -> context (B, 77 chunks, D) (sdjax.prompts); SDXL: (B, encoders, chunks, 77),
+    # and the pooled embeddings and size ids (time_ids: (B, 2, n), the negative's then the prompt's) go to the UNet
+    if text_encoder_2 is None:
+        encode = functools.partial(encode_prompts, text_encoder, clip_skip=static.clip_skip,
+                                   normalize=static.normalize_emphasis)
+        pooled = jnp.zeros((ids.shape[0], 0), jnp.float32)
+    else:
+        encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        encode = functools.partial(_encode_sdxl, encoders, clip_skip=static.clip_skip,
+                                   normalize=static.normalize_emphasis)
+        context, pooled = encode(ids, weights)
+    if text_encoder_2 is None:
+        context = encode(ids, weights)
+    uncond, uncond_pooled = context, pooled
+    if static.guidance and static.zero_uncond:
+        uncond, uncond_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+    elif static.guidance and text_encoder_2 is None:
+        uncond = encode(neg_ids, neg_weights)
+    elif static.guidance:
+        uncond, uncond_pooled = encode(neg_ids, neg_weights)
     noise, loop_rngs = initial_noise(seeds, indices, (h, w, vae.config.latent_channels))
 
     B = ids.shape[0]
@@ -211,14 +242,21 @@ def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, 
             masked = images * (masks < 0.5)
             masked_latents = to_latents(vae.encode(masked)[0].astype(jnp.float32), scaling)
 
-    def one_image(noise_i, rng_i, ctx_i, uncond_i, image_latents_i, mask_i, masked_i):
+    def one_image(noise_i, rng_i, ctx_i, uncond_i, image_latents_i, mask_i, masked_i, pooled_i, uncond_pooled_i,
+                  time_ids_i):
+        added = None  # SDXL's: the negative's and the prompt's pooled embeddings and size ids
+        if text_encoder_2 is not None:
+            added = {"text_embeds": jnp.stack([uncond_pooled_i, pooled_i]), "time_ids": time_ids_i}
+
         def model_fn(x, t):
             inp = x
             if unet.config.in_channels == 9:
                 inp = jnp.concatenate([x, mask_i[None].astype(x.dtype), masked_i[None].astype(x.dtype)], axis=-1)
             if not static.guidance:
-                return unet(inp, t, ctx_i[None]).astype(jnp.float32)
-            out = unet(jnp.concatenate([inp, inp]), t, jnp.stack([uncond_i, ctx_i])).astype(jnp.float32)
+                cond = None if added is None else jax.tree.map(lambda a: a[1:], added)
+                return unet(inp, t, ctx_i[None], added_cond_kwargs=cond).astype(jnp.float32)
+            out = unet(jnp.concatenate([inp, inp]), t, jnp.stack([uncond_i, ctx_i]),
+                       added_cond_kwargs=added).astype(jnp.float32)
             return classifier_free_guidance(out[:1], out[1:], guidance_scale, guidance_rescale)
 
         extra = {}
@@ -233,7 +271,8 @@ def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, 
                                        rng_i, **extra)
         return jax.tree.map(lambda a: a[..., 0, :, :, :], latents)   # drop the batch axis of 1
 
-    latents = jax.vmap(one_image)(noise, loop_rngs, context, uncond, image_latents, mask_latent, masked_latents)
+    latents = jax.vmap(one_image)(noise, loop_rngs, context, uncond, image_latents, mask_latent, masked_latents,
+                                  pooled, uncond_pooled, time_ids)
     latents, x0s = latents if static.trajectory_every else (latents, None)
     images = latents if static.output_type == "latent" else _decode(vae, latents)
     if not static.trajectory_every:
@@ -345,7 +384,12 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
              width: int | None = None, clip_skip: int = 0, init_images=None, masks=None, strength: float = 1.0,
              mesh: jax.sharding.Mesh | None = None, batch_invariant: bool = False,
              output_type: str = "uint8", emphasis: str = "Original", min_chunks: int = 1, trajectory_every: int = 0,
-             trajectory_decoder: str = "vae") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+             trajectory_decoder: str = "vae", original_size: tuple[int, int] | None = None,
+             crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+             negative_original_size: tuple[int, int] | None = None,
+             negative_crops_coords_top_left: tuple[int, int] | None = None,
+             negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
+             negative_aesthetic_score: float = 2.5) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """uint8 images (B, height, width, 3) for `prompts`, one per prompt (or their latents: `output_type`).
 
     sampler: a scheduler name ("DPM++ 2M Karras", "Euler a", "DDIM", ...; default: the checkpoint's own).
@@ -368,10 +412,13 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     `trajectory_decoder` says: "vae" (the VAE decoder, one frame of the batch at a time), "approx" (a linear map
     of the latents, `sdjax.autoencoder.approx_decode`, upscaled from latent resolution by repeating pixels:
     almost free, blurry colours), or "latent": the x̂₀ latents themselves, float32 (B, frames, h, w, C).
+    SDXL's micro-conditioning, as diffusers' StableDiffusionXL pipelines: original_size and target_size (default
+    (height, width)), crops_coords_top_left, their negative_* counterparts (each defaults to its own positive, as in
+    diffusers' img2img pipelines; diffusers' text2img pipeline reads them only when negative_original_size and
+    negative_target_size are both given, with crops (0, 0)), and for the refiner (5 ids) aesthetic_score /
+    negative_aesthetic_score in place of the target size. Without negative prompts an
+    SDXL base model (force_zeros_for_empty_prompt) takes zeros as the unconditional context, as diffusers does.
     """
-    if pipe.family == "sdxl":
-        raise NotImplementedError("SDXL sampling is not in sdjax yet (its UNet, text encoders and folders are: "
-                                  "sdjax.clip.sdxl_conditioning and the UNet's added_cond_kwargs)")
     prompts = _as_list(prompts)
     B = len(prompts)
     if B == 0:
@@ -401,9 +448,11 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         raise ValueError(f"trajectory_decoder must be 'vae', 'approx' or 'latent', got {trajectory_decoder!r}")
     if not guidance_scale >= 0:
         raise ValueError(f"guidance_scale={guidance_scale}: use 0 or more (up to 1: no guidance, the prompt alone)")
-    layers = pipe.text_encoder.config.num_hidden_layers
+    sdxl = pipe.family == "sdxl"
+    layers = (pipe.text_encoder or pipe.text_encoder_2).config.num_hidden_layers - sdxl  # SDXL: penultimate first
     if not 0 <= clip_skip < layers:
-        raise ValueError(f"clip_skip={clip_skip}: the text encoder has {layers} layers; use 0 to {layers - 1}")
+        raise ValueError(f"clip_skip={clip_skip}: the text encoder has {layers + sdxl} layers; use 0 to "
+                         f"{layers - 1}")
     if init_images is not None:
         init_images = _as_images(init_images, "init_images", B)
     if masks is not None:
@@ -414,11 +463,25 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
                                  "then resized to the output size)".format(k, *_image_size(mask), *_image_size(image)))
     mode = "text2img" if init_images is None else ("img2img" if masks is None else "inpaint")
     scheduler_config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler, **(scheduler_overrides or {}))
-    ids, weights = tokenize_prompts(pipe.tokenizer, prompts + negative, emphasis=emphasis, min_chunks=min_chunks)
+    if not sdxl:
+        ids, weights = tokenize_prompts(pipe.tokenizer, prompts + negative, emphasis=emphasis, min_chunks=min_chunks)
+        time_ids = np.zeros((B, 2, 0), np.float32)
+        _no_micro_conditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                               negative_crops_coords_top_left, negative_target_size)
+    else:  # (2B, encoders, chunks, 77): each tokenizer's ids (they pad differently), as many chunks in both
+        tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]
+        k = max(min_chunks, *(tokenize_prompts(t, prompts + negative, emphasis=emphasis)[0].shape[1]
+                              for t in tokenizers))
+        pairs = [tokenize_prompts(t, prompts + negative, emphasis=emphasis, min_chunks=k) for t in tokenizers]
+        ids, weights = (np.stack([pair[i] for pair in pairs], axis=1) for i in (0, 1))
+        time_ids = _sdxl_time_ids(pipe, B, height, width, original_size, crops_coords_top_left, target_size,
+                                  negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                                  aesthetic_score, negative_aesthetic_score)
+    zero_uncond = sdxl and negative_prompts is None and bool(pipe.options.get("force_zeros_for_empty_prompt"))
     static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
                      int(clip_skip), float(strength), mode, bool(batch_invariant), output_type,
                      emphasis != "No norm", trajectory_every=int(trajectory_every),
-                     trajectory_decoder=trajectory_decoder)
+                     trajectory_decoder=trajectory_decoder, zero_uncond=zero_uncond)
 
     seeds = np.full(B, seed, np.uint32) if seeds is None else np.asarray(seeds, np.uint32)
     indices = np.arange(B, dtype=np.int32) if indices is None else np.asarray(indices, np.int32)
@@ -428,9 +491,9 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         images = load_images(init_images, height, width)
     if masks is not None:
         mask_arr = load_masks(masks, height, width)
-    batch = [ids[:B], ids[B:], weights[:B], weights[B:], seeds, indices, images, mask_arr]
+    batch = [ids[:B], ids[B:], weights[:B], weights[B:], seeds, indices, images, mask_arr, time_ids]
 
-    graphdef, state = nnx.split((pipe.text_encoder, pipe.unet, pipe.vae))
+    graphdef, state = nnx.split((pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae))
     n = 1
     if mesh is not None:
         # sharding in types (Explicit axes) is not needed here: let the compiler propagate the batch split
@@ -452,6 +515,30 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     if trajectory_decoder == "approx":   # latent resolution -> the images' (nearest neighbour)
         trajectory = trajectory.repeat(f, axis=2).repeat(f, axis=3)
     return images, trajectory
+
+
+def _no_micro_conditioning(*values) -> None:
+    if any(v is not None and v != (0, 0) for v in values):
+        raise ValueError("original_size, crops_coords_top_left, target_size and their negative_* are SDXL's "
+                         "micro-conditioning; this is not an SDXL model")
+
+
+def _sdxl_time_ids(pipe, B: int, height: int, width: int, original_size, crops, target_size, negative_original_size,
+                   negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score) -> np.ndarray:
+    """(B, 2, n) float32: the negative's and the prompt's size ids, as diffusers' _get_add_time_ids builds them:
+    original size + crop top-left + target size (base, 6), or + aesthetic score (refiner, 5)."""
+    c = pipe.unet.config
+    n = (c.projection_class_embeddings_input_dim - pipe.text_encoder_2.config.projection_dim) // c.addition_time_embed_dim
+    original = tuple(original_size or (height, width))
+    target = tuple(target_size or (height, width))
+    rows = {6: ([*original, *crops, *target],
+                [*(negative_original_size or original), *(negative_crops or crops), *(negative_target_size or target)]),
+            5: ([*original, *crops, aesthetic_score],
+                [*(negative_original_size or original), *(negative_crops or crops), negative_aesthetic_score])}
+    if n not in rows:
+        raise ValueError(f"this SDXL UNet takes {n} size ids; sdjax knows the base's 6 and the refiner's 5")
+    positive, negative = rows[n]
+    return np.tile(np.asarray([negative, positive], np.float32)[None], (B, 1, 1))
 
 
 _programs: dict = {}  # multi-process: the compiled programs, by everything that shapes them
