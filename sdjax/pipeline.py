@@ -528,7 +528,8 @@ def _sdxl_time_ids(pipe, B: int, height: int, width: int, original_size, crops, 
     """(B, 2, n) float32: the negative's and the prompt's size ids, as diffusers' _get_add_time_ids builds them:
     original size + crop top-left + target size (base, 6), or + aesthetic score (refiner, 5)."""
     c = pipe.unet.config
-    n = (c.projection_class_embeddings_input_dim - pipe.text_encoder_2.config.projection_dim) // c.addition_time_embed_dim
+    pooled = pipe.text_encoder_2.config.projection_dim
+    n = (c.projection_class_embeddings_input_dim - pooled) // c.addition_time_embed_dim
     original = tuple(original_size or (height, width))
     target = tuple(target_size or (height, width))
     rows = {6: ([*original, *crops, *target],

@@ -110,8 +110,8 @@ class UNetConfig:
         if self.addition_embed_type not in (None, "text_time"):
             raise ValueError(f"UNetConfig: addition_embed_type={self.addition_embed_type!r} is not supported "
                              "(SD 1.x/2.x use None, SDXL 'text_time')")
-        if self.addition_embed_type == "text_time" and not (isinstance(self.addition_time_embed_dim, int) and
-                                                             isinstance(self.projection_class_embeddings_input_dim, int)):
+        sizes = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type == "text_time" and not all(isinstance(x, int) for x in sizes):
             raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim (SDXL: 256 and 2816, the refiner 256 and 2560)")
         n = len(self.block_out_channels)
