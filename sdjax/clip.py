@@ -245,8 +245,7 @@ def sdxl_conditioning(encoders, input_ids, clip_skip: int = 0):
         last = k == len(encoders) - 1  # its pooled output needs every layer
         out = encoder.encode(ids, num_layers=None if last else n - 1 - clip_skip)
         states.append(out["hidden_states"][-(clip_skip + 2) if last else -1])
-        pooled = out.get("text_embeds")
-    return jnp.concatenate(states, axis=-1), pooled
+    return jnp.concatenate(states, axis=-1), out["text_embeds"]
 
 
 def _pool(last_hidden_state, input_ids, eos_token_id: int):

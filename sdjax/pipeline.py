@@ -210,22 +210,16 @@ def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, 
 
     # ids, weights: (B, chunks, 77) -> context (B, 77 chunks, D) (sdjax.prompts); SDXL: (B, encoders, chunks, 77),
     # and the pooled embeddings and size ids (time_ids: (B, 2, n), the negative's then the prompt's) go to the UNet
-    if text_encoder_2 is None:
-        encode = functools.partial(encode_prompts, text_encoder, clip_skip=static.clip_skip,
-                                   normalize=static.normalize_emphasis)
-        pooled = jnp.zeros((ids.shape[0], 0), jnp.float32)
+    kw = dict(clip_skip=static.clip_skip, normalize=static.normalize_emphasis)
+    if text_encoder_2 is None:  # (context, an empty pooled embedding)
+        def encode(ids, weights):
+            return encode_prompts(text_encoder, ids, weights, **kw), jnp.zeros((ids.shape[0], 0), jnp.float32)
     else:
-        encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
-        encode = functools.partial(_encode_sdxl, encoders, clip_skip=static.clip_skip,
-                                   normalize=static.normalize_emphasis)
-        context, pooled = encode(ids, weights)
-    if text_encoder_2 is None:
-        context = encode(ids, weights)
+        encode = functools.partial(_encode_sdxl, [e for e in (text_encoder, text_encoder_2) if e is not None], **kw)
+    context, pooled = encode(ids, weights)
     uncond, uncond_pooled = context, pooled
     if static.guidance and static.zero_uncond:
         uncond, uncond_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
-    elif static.guidance and text_encoder_2 is None:
-        uncond = encode(neg_ids, neg_weights)
     elif static.guidance:
         uncond, uncond_pooled = encode(neg_ids, neg_weights)
     noise, loop_rngs = initial_noise(seeds, indices, (h, w, vae.config.latent_channels))
@@ -470,9 +464,10 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
                                negative_crops_coords_top_left, negative_target_size)
     else:  # (2B, encoders, chunks, 77): each tokenizer's ids (they pad differently), as many chunks in both
         tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]
-        k = max(min_chunks, *(tokenize_prompts(t, prompts + negative, emphasis=emphasis)[0].shape[1]
-                              for t in tokenizers))
-        pairs = [tokenize_prompts(t, prompts + negative, emphasis=emphasis, min_chunks=k) for t in tokenizers]
+        tokenize = functools.partial(tokenize_prompts, prompts=prompts + negative, emphasis=emphasis)
+        pairs = [tokenize(t, min_chunks=min_chunks) for t in tokenizers]
+        k = max(ids.shape[1] for ids, _ in pairs)  # the same unless their added tokens differ: then again, padded
+        pairs = [pair if pair[0].shape[1] == k else tokenize(t, min_chunks=k) for t, pair in zip(tokenizers, pairs)]
         ids, weights = (np.stack([pair[i] for pair in pairs], axis=1) for i in (0, 1))
         time_ids = _sdxl_time_ids(pipe, B, height, width, original_size, crops_coords_top_left, target_size,
                                   negative_original_size, negative_crops_coords_top_left, negative_target_size,
@@ -532,13 +527,14 @@ def _sdxl_time_ids(pipe, B: int, height: int, width: int, original_size, crops, 
     n = (c.projection_class_embeddings_input_dim - pooled) // c.addition_time_embed_dim
     original = tuple(original_size or (height, width))
     target = tuple(target_size or (height, width))
-    rows = {6: ([*original, *crops, *target],
-                [*(negative_original_size or original), *(negative_crops or crops), *(negative_target_size or target)]),
-            5: ([*original, *crops, aesthetic_score],
-                [*(negative_original_size or original), *(negative_crops or crops), negative_aesthetic_score])}
-    if n not in rows:
+    if n == 6:
+        tail, negative_tail = target, tuple(negative_target_size or target)
+    elif n == 5:
+        tail, negative_tail = (aesthetic_score,), (negative_aesthetic_score,)
+    else:
         raise ValueError(f"this SDXL UNet takes {n} size ids; sdjax knows the base's 6 and the refiner's 5")
-    positive, negative = rows[n]
+    positive = [*original, *crops, *tail]
+    negative = [*(negative_original_size or original), *(negative_crops or crops), *negative_tail]
     return np.tile(np.asarray([negative, positive], np.float32)[None], (B, 1, 1))
 
 

@@ -11,6 +11,8 @@ from sdjax import pretrained
 from sdjax.clip import CLIPTextConfig, CLIPTextEncoder, sdxl_conditioning, strip_text_model_prefix
 from sdjax.weights.torch_names import load_state_dict
 from tests import tiny_models
+from tests.test_pipeline import SIZE, agree, init_image  # 32 px (16 x 16 latents), pixels within 1/255
+from tests.test_unet import rel_err
 
 import torch
 
@@ -31,11 +33,6 @@ def sdjax_encoder(model) -> CLIPTextEncoder:
     load_state_dict(encoder, strip_text_model_prefix({k: v.numpy() for k, v in model.state_dict().items()}),
                     ignore=("position_ids",))
     return encoder
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("which, clip_skip", [("base", None), ("base", 1), ("refiner", None)])
@@ -128,16 +125,6 @@ def test_folders_load_and_save_both_ways(folders, torch_pipes, tmp_path, which):
         sdjax.save_single_file(pipe, tmp_path / "model.safetensors")
 
 
-SIZE = 32  # 16 x 16 latents
-
-
-def agree(ours, theirs_float):
-    theirs = np.round(np.asarray(theirs_float) * 255).astype(np.int32)
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours.astype(np.int32) - theirs)
-    assert diff.max() <= 1, f"{(diff > 1).mean():.5f} of pixel values differ by more than 1/255 (max {diff.max()})"
-
-
 NEGATIVE_MICRO = dict(negative_original_size=(16, 16), negative_crops_coords_top_left=(0, 4),
                       negative_target_size=(24, 24))
 
@@ -180,8 +167,7 @@ def test_refiner_img2img_matches_diffusers(folders, torch_pipes, monkeypatch):
     from sdjax import pipeline
 
     pipe = sdjax.load_pretrained(folders["refiner"])
-    y, x = np.mgrid[0:SIZE, 0:SIZE] * (256 // SIZE)
-    image = np.stack([x, y, (x + y) // 2], -1).clip(0, 255).astype(np.uint8)
+    image = init_image()
     kw = dict(strength=0.6, num_inference_steps=4, guidance_scale=5.0)
     ours = pipe.img2img(PROMPTS[:1], [image], height=SIZE, width=SIZE, **kw)
     assert ours.std() > 5
