@@ -19,6 +19,8 @@ SD1_UNET = dict(block_out_channels=(32, 64, 64), attention_head_dim=8, use_linea
 SD2_UNET = dict(block_out_channels=(64, 128, 128), attention_head_dim=(1, 2, 2), use_linear_projection=True,
                 upcast_attention=True)
 SD2_TEXT_LAYERS = 23
+SDXL_POOLED = 64  # the tiny ViT-bigG stand-in's projection width (1280 in SDXL)
+SDXL_TIME_DIM = 8  # Fourier features per size/crop id (256 in SDXL)
 
 
 def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -76,20 +78,25 @@ def tiny_vae(sample_size: int = 512):
     return perturb_(vae, 3)
 
 
-def tiny_clip(hidden_act: str = "quick_gelu", num_hidden_layers: int | None = None, vocab_size: int | None = None):
-    """transformers CLIPTextModel; quick_gelu is OpenAI CLIP (SD 1.x), gelu is OpenCLIP (SD 2.x)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_clip(hidden_act: str = "quick_gelu", num_hidden_layers: int | None = None, vocab_size: int | None = None,
+              with_projection: bool = False):
+    """transformers CLIPTextModel; quick_gelu is OpenAI CLIP (SD 1.x), gelu is OpenCLIP (SD 2.x). with_projection:
+    CLIPTextModelWithProjection, SDXL's second encoder (a bias-free text_projection to SDXL_POOLED)."""
+    import transformers
 
     if num_hidden_layers is None:
         num_hidden_layers = SD2_TEXT_LAYERS if hidden_act == "gelu" else 2
-    config = CLIPTextConfig(
+    # projection_dim: no layer of a plain text model, so single-file detection assumes SD's (ViT-H 512, ViT-L its width)
+    projection_dim = SDXL_POOLED if with_projection else 512 if hidden_act == "gelu" else CLIP_HIDDEN
+    config = transformers.CLIPTextConfig(
         vocab_size=vocab_size or 49408, hidden_size=CLIP_HIDDEN, intermediate_size=256,
         num_hidden_layers=num_hidden_layers, num_attention_heads=CLIP_HIDDEN // 64, max_position_embeddings=77,
-        # projection_dim: no layer of the text model, so single-file detection assumes SD's (ViT-H 512, ViT-L its width)
-        hidden_act=hidden_act, projection_dim=512 if hidden_act == "gelu" else CLIP_HIDDEN, layer_norm_eps=1e-5,
+        hidden_act=hidden_act, projection_dim=projection_dim, layer_norm_eps=1e-5,
         bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    torch.manual_seed(4)
-    return perturb_(CLIPTextModel(config), 4 if hidden_act == "quick_gelu" else 5)
+    seed = 6 if with_projection else 4 if hidden_act == "quick_gelu" else 5
+    torch.manual_seed(6 if with_projection else 4)
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    return perturb_(cls(config), seed)
 
 
 def tiny_tokenizer_files(folder) -> Path:
@@ -139,24 +146,9 @@ def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False, **lay
 
 
 # --------------------------------------------------------------------------------------------------------- SDXL
-SDXL_POOLED = 64  # the tiny ViT-bigG stand-in's projection width (1280 in SDXL)
-SDXL_TIME_DIM = 8  # Fourier features per size/crop id (256 in SDXL)
 
 
-def tiny_clip_with_projection(num_hidden_layers: int = 3):
-    """transformers CLIPTextModelWithProjection shaped like SDXL's second encoder (OpenCLIP gelu, head dim 64, a
-    bias-free text_projection), tiny."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=CLIP_HIDDEN, intermediate_size=256,
-                            num_hidden_layers=num_hidden_layers, num_attention_heads=CLIP_HIDDEN // 64,
-                            max_position_embeddings=77, hidden_act="gelu", projection_dim=SDXL_POOLED,
-                            layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    torch.manual_seed(6)
-    return perturb_(CLIPTextModelWithProjection(config), 6)
-
-
-def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4):
+def tiny_unet_sdxl(refiner: bool = False):
     """SDXL's UNet layout, tiny: a plain first level, then cross-attention with 2 transformer layers, linear
     projections, the added text_time conditioning (the pooled embedding + 6 ids, or the refiner's 5)."""
     from diffusers import UNet2DConditionModel
@@ -164,7 +156,7 @@ def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4):
     torch.manual_seed(7)
     cross = CLIP_HIDDEN if refiner else 2 * CLIP_HIDDEN  # the refiner: the second encoder's context alone
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
         cross_attention_dim=cross, norm_num_groups=16, addition_embed_type="text_time",
@@ -186,10 +178,11 @@ def tiny_sdxl_pipeline(tmp, refiner: bool = False):
     tokenizer_2 = tiny_tokenizer(Path(tmp) / "tokenizer_2_files", "sd2")  # pads with "!", as OpenCLIP
     if refiner:
         return StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=tiny_clip_with_projection(), tokenizer=None,
+            vae=vae, text_encoder=None, text_encoder_2=tiny_clip("gelu", 3, with_projection=True), tokenizer=None,
             tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(refiner=True), scheduler=scheduler,
             requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=tiny_clip("quick_gelu", num_hidden_layers=3), text_encoder_2=tiny_clip_with_projection(),
+        vae=vae, text_encoder=tiny_clip("quick_gelu", num_hidden_layers=3),
+        text_encoder_2=tiny_clip("gelu", 3, with_projection=True),
         tokenizer=tiny_tokenizer(Path(tmp) / "tokenizer_files"), tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(),
         scheduler=scheduler, force_zeros_for_empty_prompt=True)
