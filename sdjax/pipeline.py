@@ -142,6 +142,9 @@ class _Static:
     trajectory_every: int = 0  # also return x̂₀ of model calls 0, k, 2k, ... and the last; 0: not
     trajectory_decoder: str = "vae"  # "vae" | "approx" | "latent"
     zero_uncond: bool = False  # SDXL without a negative prompt: zeros as the unconditional context and pooled
+    latent_input: bool = False  # img2img from latents (init_latents), not encoded images
+    denoising_start: float | None = None  # run only the part of the schedule below / above this noise fraction
+    denoising_end: float | None = None
 
 
 def _hashable(value):
@@ -228,7 +231,9 @@ def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, 
     zeros = jnp.zeros((B, h, w, 1), jnp.float32)
     image_latents = masked_latents = zeros
     mask_latent = zeros
-    if static.mode != "text2img":
+    if static.latent_input:
+        image_latents = images
+    elif static.mode != "text2img":
         image_latents = to_latents(vae.encode(images)[0].astype(jnp.float32), scaling)  # the posterior mean
     if static.mode == "inpaint":
         mask_latent = masks[:, ::f, ::f, :]  # F.interpolate(mode="nearest") to latent size
@@ -253,7 +258,7 @@ def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, 
                        added_cond_kwargs=added).astype(jnp.float32)
             return classifier_free_guidance(out[:1], out[1:], guidance_scale, guidance_rescale)
 
-        extra = {}
+        extra = dict(denoising_start=static.denoising_start, denoising_end=static.denoising_end)
         # img2img noises the image even at strength 1 (as diffusers); inpainting at strength 1 starts from noise
         if static.mode == "img2img" or (static.mode == "inpaint" and static.strength < 1.0):
             extra.update(init_latents=image_latents_i[None], strength=static.strength)
@@ -383,7 +388,9 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
              negative_original_size: tuple[int, int] | None = None,
              negative_crops_coords_top_left: tuple[int, int] | None = None,
              negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
-             negative_aesthetic_score: float = 2.5) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+             negative_aesthetic_score: float = 2.5, init_latents=None, denoising_start: float | None = None,
+             denoising_end: float | None = None,
+             refiner: StableDiffusion | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """uint8 images (B, height, width, 3) for `prompts`, one per prompt (or their latents: `output_type`).
 
     sampler: a scheduler name ("DPM++ 2M Karras", "Euler a", "DDIM", ...; default: the checkpoint's own).
@@ -412,7 +419,33 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     negative_target_size are both given, with crops (0, 0)), and for the refiner (5 ids) aesthetic_score /
     negative_aesthetic_score in place of the target size. Without negative prompts an
     SDXL base model (force_zeros_for_empty_prompt) takes zeros as the unconditional context, as diffusers does.
+    init_latents: img2img from latents (B, height/f, width/f, C) in the diffusion model's scaling (what
+    output_type="latent" returns) instead of images.
+    denoising_end / denoising_start: SDXL's "ensemble of experts" (`sampling.make_plan`): run only the calls above
+    the noise fraction `denoising_end` (use output_type="latent") or, from init_latents / init_images as they are
+    (no noise added, `strength` unused), only those below `denoising_start`.
+    refiner: a second model (SDXL's refiner) that finishes the run: this model denoises down to `denoising_end`
+    (default 0.8) and hands its latents to `refiner`, which runs the rest of the same schedule with the same
+    prompts, seeds and settings, as diffusers' base + refiner recipe in one call (two compiled programs).
     """
+    if refiner is not None:
+        if trajectory_every or init_latents is not None or denoising_start is not None:
+            raise ValueError("refiner= runs text2img / img2img / inpainting with this model and finishes with the "
+                             "refiner; give no init_latents, denoising_start or trajectory_every with it")
+        shared = dict(negative_prompts=negative_prompts, seed=seed, indices=indices, seeds=seeds,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale, sampler=sampler, scheduler_overrides=scheduler_overrides,
+                      height=height, width=width, clip_skip=clip_skip, mesh=mesh, batch_invariant=batch_invariant,
+                      emphasis=emphasis, min_chunks=min_chunks, original_size=original_size,
+                      crops_coords_top_left=crops_coords_top_left, negative_original_size=negative_original_size,
+                      negative_crops_coords_top_left=negative_crops_coords_top_left,
+                      aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+        split = 0.8 if denoising_end is None else denoising_end
+        latents = generate(pipe, prompts, init_images=init_images, masks=masks, strength=strength,
+                           target_size=target_size, negative_target_size=negative_target_size,
+                           output_type="latent", denoising_end=split, **shared)
+        return generate(refiner, prompts, init_latents=latents, denoising_start=split, output_type=output_type,
+                        **shared)
     prompts = _as_list(prompts)
     B = len(prompts)
     if B == 0:
@@ -422,15 +455,24 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         negative = negative * B
     if len(negative) != B:
         raise ValueError(f"{len(negative)} negative prompts for {B} prompts")
-    height = height or pipe.default_size
-    width = width or pipe.default_size
     f = pipe.vae_scale_factor
+    latent_hw = np.shape(init_latents)[1:3] if init_latents is not None else ()
+    height = height or (latent_hw[0] * f if latent_hw else pipe.default_size)
+    width = width or (latent_hw[1] * f if latent_hw else pipe.default_size)
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if masks is not None and init_images is None:
         raise ValueError("inpainting needs the images to paint into (init_images) as well as the masks")
+    if init_latents is not None:
+        init_latents = np.asarray(init_latents, np.float32)
+        want = (B, height // f, width // f, pipe.vae.config.latent_channels)
+        if init_images is not None or masks is not None or init_latents.shape != want:
+            raise ValueError(f"init_latents: give latents of shape {want} (B, height/{f}, width/{f}, channels) for "
+                             f"img2img from latents, without init_images or masks; got {init_latents.shape}")
+    if denoising_start is not None and init_images is None and init_latents is None:
+        raise ValueError("denoising_start finishes a run: give init_latents (or init_images) to start from")
     if pipe.unet.config.in_channels == 9 and masks is None:
         raise ValueError("this is an inpainting UNet (9 input channels): give images and masks (pipe.inpaint)")
     if output_type not in ("uint8", "latent"):
@@ -455,7 +497,7 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
             if _image_size(mask) != _image_size(image):
                 raise ValueError("mask {} is {}x{}, its image {}x{}: give masks the size of their images (both are "
                                  "then resized to the output size)".format(k, *_image_size(mask), *_image_size(image)))
-    mode = "text2img" if init_images is None else ("img2img" if masks is None else "inpaint")
+    mode = "text2img" if init_images is None and init_latents is None else ("img2img" if masks is None else "inpaint")
     scheduler_config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler, **(scheduler_overrides or {}))
     if not sdxl:
         ids, weights = tokenize_prompts(pipe.tokenizer, prompts + negative, emphasis=emphasis, min_chunks=min_chunks)
@@ -476,7 +518,13 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
                      int(clip_skip), float(strength), mode, bool(batch_invariant), output_type,
                      emphasis != "No norm", trajectory_every=int(trajectory_every),
-                     trajectory_decoder=trajectory_decoder, zero_uncond=zero_uncond)
+                     trajectory_decoder=trajectory_decoder, zero_uncond=zero_uncond,
+                     latent_input=init_latents is not None,
+                     denoising_start=None if denoising_start is None else float(denoising_start),
+                     denoising_end=None if denoising_end is None else float(denoising_end))
+    sampling.make_plan(scheduler_config, num_inference_steps, strength=strength if mode != "text2img" else 1.0,
+                       denoising_start=denoising_start,
+                       denoising_end=denoising_end)  # its errors now, not inside the compiled program
 
     seeds = np.full(B, seed, np.uint32) if seeds is None else np.asarray(seeds, np.uint32)
     indices = np.arange(B, dtype=np.int32) if indices is None else np.asarray(indices, np.int32)
@@ -484,6 +532,8 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     mask_arr = np.zeros((B, 1, 1, 1), np.float32)
     if init_images is not None:
         images = load_images(init_images, height, width)
+    if init_latents is not None:
+        images = init_latents
     if masks is not None:
         mask_arr = load_masks(masks, height, width)
     batch = [ids[:B], ids[B:], weights[:B], weights[B:], seeds, indices, images, mask_arr, time_ids]

@@ -50,32 +50,53 @@ class Plan:
     begin: int
 
 
-def make_plan(scheduler_config: dict, num_inference_steps: int, *, strength: float = 1.0) -> Plan:
+def make_plan(scheduler_config: dict, num_inference_steps: int, *, strength: float = 1.0,
+              denoising_start: float | None = None, denoising_end: float | None = None) -> Plan:
     """Tables for `num_inference_steps` steps; `strength` < 1 keeps only the last part of the schedule.
 
     As diffusers' img2img pipelines: init_timestep = min(int(steps * strength), steps),
     t_start = max(steps - init_timestep, 0), and the run starts at model call t_start * scheduler.order.
+
+    SDXL's "ensemble of experts" splits one schedule between two models at a fraction d of the training noise
+    range: cutoff = round(T - d T) (T = num_train_timesteps). `denoising_end=d` keeps the calls whose timestep is
+    >= cutoff (the base model's part, diffusers' text2img `denoising_end`); `denoising_start=d` the calls below it
+    (one more for a second-order sampler when their count is even, so it starts on a whole step), and the run
+    starts from the given latents as they are: they are already at that noise level (diffusers' img2img
+    `denoising_start`, which then ignores `strength`). The rows' coefficients are those of the full schedule.
     """
     config = schedulers.scheduler_config_for(scheduler_config)
     sched = schedulers.schedule(config, num_inference_steps)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    n = sched.num_inference_steps
-    begin = max(n - min(int(n * strength), n), 0) * sched.order
-    if begin >= len(sched.timesteps):
-        raise ValueError(f"strength={strength} with num_inference_steps={n} leaves no step to run; "
-                         "raise strength or num_inference_steps")
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"{name}={value}: give a fraction of the noise range strictly between 0 and 1")
+    n, calls = sched.num_inference_steps, len(sched.timesteps)
+    cutoff = lambda d: int(round(config["num_train_timesteps"] * (1.0 - d)))  # noqa: E731
+    if denoising_start is None:
+        begin = max(n - min(int(n * strength), n), 0) * sched.order
+    else:
+        count = int((sched.timesteps < cutoff(denoising_start)).sum())
+        count += sched.order == 2 and count % 2 == 0
+        begin = calls - count
+    end = calls if denoising_end is None else int((sched.timesteps >= cutoff(denoising_end)).sum())
+    if begin >= min(end, calls):
+        what = (f"strength={strength}" if denoising_start is None else f"denoising_start={denoising_start}") + \
+            ("" if denoising_end is None else f" and denoising_end={denoising_end}")
+        raise ValueError(f"{what} with num_inference_steps={n} leaves no step to run; "
+                         "raise num_inference_steps or move the fractions apart")
     sampler = samplers.SAMPLERS[config["_class_name"]]
     signal, noise = schedulers.noise_levels(sched)
     timesteps = sched.timesteps.astype(np.float32 if sched.timesteps.dtype.kind == "f" else np.int32)
     rows = dict(timestep=timesteps[begin:],
                 scale=schedulers.input_scale(sched)[begin:],
-                index=np.arange(begin, len(timesteps), dtype=np.int32),
+                index=np.arange(begin, calls, dtype=np.int32),
                 next_signal=np.append(signal[begin + 1:], 1.0),
                 next_noise=np.append(noise[begin + 1:], 0.0),
                 **sampler.rows(sched, begin))
-    rows = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in rows.items()}
-    return Plan(rows, np.float32(signal[begin]), np.float32(noise[begin]), np.float32(sched.init_noise_sigma),
+    rows = {k: (v.astype(np.float32) if v.dtype == np.float64 else v)[:end - begin] for k, v in rows.items()}
+    init_signal, init_noise = (signal[begin], noise[begin]) if denoising_start is None else (1.0, 0.0)
+    return Plan(rows, np.float32(init_signal), np.float32(init_noise), np.float32(sched.init_noise_sigma),
                 config["_class_name"], samplers.options(config), samplers.is_stochastic(config), begin)
 
 
@@ -110,7 +131,8 @@ def run_plan(model_fn, plan: Plan, noise, rng=None, *, init_latents=None, inpain
     noise = noise.astype(dtype)
     if init_latents is None and plan.begin > 0:
         if inpaint_latents is None:
-            raise ValueError("strength < 1 starts from a partly noised image: pass init_latents")
+            raise ValueError("strength < 1 (or denoising_start) starts from a partly noised image: pass "
+                             "init_latents")
         init_latents = inpaint_latents   # diffusers' inpaint pipeline noises the image it repaints
     if init_latents is not None:
         x = plan.init_signal * init_latents.astype(dtype) + plan.init_noise * noise
@@ -149,7 +171,7 @@ def run_plan(model_fn, plan: Plan, noise, rng=None, *, init_latents=None, inpain
 
 def sample_loop(model_fn, noise, scheduler_config, num_inference_steps, rng=None, *, init_latents=None,
                 strength=1.0, inpaint_latents=None, inpaint_mask=None, return_predictions=False,
-                predictions_every=1):
+                predictions_every=1, denoising_start=None, denoising_end=None):
     """Denoise `noise` with the sampler of `scheduler_config` in `num_inference_steps` steps.
 
     model_fn(x, t) -> model output (epsilon / v / x0 as the config's prediction_type), where x is the scaled
@@ -171,8 +193,12 @@ def sample_loop(model_fn, noise, scheduler_config, num_inference_steps, rng=None
       calls a step; PLMS: one more call than steps).
     predictions_every: keep only the x̂₀ of calls 0, k, 2k, ... and the last (`kept_predictions`); only those
       are held in memory.
+    denoising_end / denoising_start: run only the high-noise part of the schedule (returning latents that are
+      still noisy) or only the low-noise part, from `init_latents` as they are (see `make_plan`): SDXL's base
+      and refiner splitting one run.
     """
-    plan = make_plan(scheduler_config, num_inference_steps, strength=strength)
+    plan = make_plan(scheduler_config, num_inference_steps, strength=strength, denoising_start=denoising_start,
+                     denoising_end=denoising_end)
     return run_plan(model_fn, plan, noise, rng, init_latents=init_latents, inpaint_latents=inpaint_latents,
                     inpaint_mask=inpaint_mask, return_predictions=return_predictions,
                     predictions_every=predictions_every)

@@ -132,3 +132,36 @@ def test_sample_loop_img2img_and_inpaint_arguments():
         sampling.sample_loop(jax_model, NOISE, config, 10, init_latents=IMAGE, strength=1.5)
     with pytest.raises(ValueError, match="num_inference_steps must be in"):
         sampling.sample_loop(jax_model, NOISE, config, 0)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM++ 2M Karras", "UniPC"])
+def test_denoising_end_and_start_split_the_schedule_as_diffusers(sampler):
+    """SDXL's base + refiner split: the calls denoising_end keeps are those diffusers' StableDiffusionXLPipeline
+    keeps, and denoising_start's those of its img2img pipeline's get_timesteps (second-order samplers included);
+    the latents are taken as they are (no noise added). For Euler a run split in two is the whole run."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    config = schedulers.scheduler_config_for(SD15_SCHEDULER | {"timestep_spacing": "leading", "steps_offset": 1},
+                                             sampler)
+    for n, split in ((10, 0.8), (25, 0.63), (7, 0.5)):
+        sched = diffusers_scheduler(config, n)
+        end = sampling.make_plan(config, n, denoising_end=split)
+        cutoff = int(round(1000 - split * 1000))
+        np.testing.assert_array_equal(end.rows["timestep"], [t for t in sched.timesteps.numpy() if t >= cutoff])
+        start = sampling.make_plan(config, n, denoising_start=split, strength=0.1)  # strength is unused then
+        theirs, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched), n, 0.1, "cpu",
+                                                                    denoising_start=split)
+        np.testing.assert_array_equal(start.rows["timestep"], theirs.numpy())
+        assert (start.init_signal, start.init_noise) == (1.0, 0.0) and start.begin == len(sched.timesteps) - len(theirs)
+    if sampler == "Euler":
+        whole = sampling.sample_loop(jax_model, NOISE, config, 10)
+        high = sampling.sample_loop(jax_model, NOISE, config, 10, denoising_end=0.6)
+        split = sampling.sample_loop(jax_model, NOISE, config, 10, init_latents=high, denoising_start=0.6)
+        assert relative_error(np.asarray(split), np.asarray(whole)) < 1e-6
+        assert relative_error(np.asarray(high), np.asarray(whole)) > 0.03  # measured 0.072: still noisy
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        sampling.make_plan(config, 10, denoising_end=1.0)
+    with pytest.raises(ValueError, match="leaves no step to run"):
+        sampling.make_plan(config, 10, denoising_start=0.5, denoising_end=0.4)

@@ -179,3 +179,26 @@ def test_refiner_img2img_matches_diffusers(folders, torch_pipes, monkeypatch):
                         out.latent_dist.mode())  # sdjax encodes with the posterior mean
     theirs = reference(PROMPTS[:1], image=Image.fromarray(image), output_type="np", **kw).images
     agree(ours, theirs)
+
+
+def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes):
+    """The ensemble of experts in one call, `text2img(..., refiner=refiner, denoising_end=0.6)`: the base runs the
+    calls above 60% of the noise range (751, 501 of Euler's 4) and the refiner the rest from its latents as they
+    are, as diffusers' base(denoising_end=0.6, output_type="latent") then refiner(image=latents,
+    denoising_start=0.6): within 1/255 (batch 1, see above)."""
+    import sdjax
+    from sdjax import pipeline
+
+    base, refiner = sdjax.load_pretrained(folders["base"]), sdjax.load_pretrained(folders["refiner"])
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE)
+    ours = base.text2img(PROMPTS[:1], refiner=refiner, denoising_end=0.6, **kw)
+    noise, _ = pipeline.initial_noise(np.zeros(1), np.arange(1), (SIZE // 2, SIZE // 2, 4))
+    latents = torch_pipes["base"](PROMPTS[:1], latents=torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy()),
+                                  denoising_end=0.6, output_type="latent", **kw).images
+    theirs = torch_pipes["refiner"](PROMPTS[:1], image=latents, denoising_start=0.6, output_type="np",
+                                    num_inference_steps=4, guidance_scale=5.0).images
+    agree(ours, theirs)
+    half = base.text2img(PROMPTS[:1], denoising_end=0.6, output_type="latent", **kw)
+    np.testing.assert_allclose(half, latents.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    alone = base.text2img(PROMPTS[:1], **kw)
+    assert np.abs(ours.astype(int) - alone).max() > 8  # the refiner did the last two steps
