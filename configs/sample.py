@@ -17,6 +17,9 @@
     python sample.py --config configs/sample.py --config.checkpoint=PATH --config.lora_dir=models/Lora \
         --config.prompt="a castle <lora:add_detail:0.8>"                      # A1111's tags, files found in lora_dir
 
+    python sample.py --config configs/sample.py --config.checkpoint=sdxl-base/ --config.refiner=sdxl-refiner/ \
+        --config.prompt="a lighthouse at dusk" --config.height=1024 --config.width=1024      # SDXL base + refiner
+
 Prompts take A1111's emphasis syntax ("a (red:1.3) fox", "[blurry]", BREAK) and any length (sdjax.prompts); the PNG
 records them as written.
 
@@ -50,6 +53,9 @@ def get_config():
     c.lora_dir = ""              # where prompts' <lora:NAME:SCALE> tags find NAME.safetensors (any depth); prompts
                                  # naming different LoRAs run in separate batches. PNGs keep the tags and
                                  # record "Lora hashes" as A1111 does
+    c.refiner = ""               # SDXL: the refiner's folder; the base denoises down to refiner_switch, the refiner
+                                 # runs the rest of the same schedule (diffusers' denoising_end / denoising_start)
+    c.refiner_switch = 0.8       # the fraction of the noise range the base removes (PNG: "Refiner switch at")
     c.height = 0                 # 0 = the model's native size (512 for SD 1.x, 768 for SD 2.x)
     c.width = 0
     c.init_image = ""            # img2img / inpainting input

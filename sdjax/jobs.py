@@ -103,7 +103,7 @@ def agreed_pending(slots: list[ImageSlot], output_dir: str | Path, settings: dic
 
 # Fields the PNG carries only when they are not the default: an image that has one and a job that does not set it
 # (or the other way round) differ.
-OPTIONAL_FIELDS = ("Clip skip", "Emphasis", "Lora hashes")
+OPTIONAL_FIELDS = ("Clip skip", "Emphasis", "Lora hashes", "Refiner", "Refiner switch at")
 
 
 def known_settings(config) -> dict[str, str]:
@@ -119,6 +119,9 @@ def known_settings(config) -> dict[str, str]:
         fields["Clip skip"] = str(config.clip_skip + 1)
     if config.get("emphasis", "Original") != "Original":
         fields["Emphasis"] = config.emphasis
+    if config.get("refiner"):
+        fields["Refiner"] = Path(config.refiner).name
+        fields["Refiner switch at"] = str(config.refiner_switch)
     return fields
 
 
@@ -242,13 +245,21 @@ def _checked(config) -> None:
     if config.checkpoint and not Path(config.checkpoint).exists():
         raise ConfigError(f"--config.checkpoint={config.checkpoint} does not exist; give a diffusers folder or a "
                           ".safetensors/.ckpt file")
-    if config.checkpoint:
+    for key in ("checkpoint", "refiner"):
+        if not config.get(key):
+            continue
+        if key == "refiner" and not Path(config.refiner).exists():
+            raise ConfigError(f"--config.refiner={config.refiner} does not exist; give the SDXL refiner's diffusers "
+                              "folder")
         from sdjax.pretrained import checkpoint_kind
 
         try:
-            checkpoint_kind(config.checkpoint)
+            checkpoint_kind(config[key])
         except ValueError as e:
-            raise ConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
+            raise ConfigError(f"--config.{key}={config[key]}: {e}") from None
+    if config.get("refiner") and not 0.0 < config.refiner_switch < 1.0:
+        raise ConfigError(f"--config.refiner_switch={config.refiner_switch}: give the noise fraction where the refiner "
+                          "takes over, strictly between 0 and 1 (diffusers' denoising_end; 0.8 is usual)")
     if bool(config.prompt) == bool(config.prompts_file):
         raise ConfigError("give exactly one of --config.prompt='...' or --config.prompts_file=PATH")
     for key in ("height", "width"):
@@ -429,6 +440,29 @@ def _load_model(config):
                                     dict(variant.scheduler))
 
 
+def _load_refiner(config, pipe):
+    """The SDXL refiner --config.refiner names (None without one), loaded as the model is."""
+    if not config.get("refiner"):
+        return None
+    import jax.numpy as jnp
+
+    from sdjax import pretrained
+
+    if pipe.family != "sdxl":
+        raise ConfigError(f"--config.refiner: the model is {pipe.family}, not SDXL; a refiner finishes an SDXL base "
+                          "model's run")
+    if config.get("trajectory", 0):
+        raise ConfigError("--config.trajectory with --config.refiner: the strip shows one model's run; drop one")
+    try:
+        refiner = pretrained.load_pretrained(config.refiner, dtype=getattr(jnp, config.dtype),
+                                             attention_impl=config.attention)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--config.refiner={config.refiner}: {e}") from None
+    if refiner.family != "sdxl":
+        raise ConfigError(f"--config.refiner={config.refiner} is an {refiner.family} model; give an SDXL refiner")
+    return refiner
+
+
 def _add_loras(pipe, files: dict[str, Path]) -> None:
     """Attach the job's LoRAs (`job_loras`), off until a batch sets its scales."""
     from sdjax import lora
@@ -484,10 +518,12 @@ def run(config) -> Path:
                           lora_hashes=lora_hashes)
     pipe = load_model(config)
     _add_loras(pipe, lora_files)
-    layers = pipe.text_encoder.config.num_hidden_layers
+    refiner = _load_refiner(config, pipe)
+    sdxl = pipe.family == "sdxl"
+    layers = (pipe.text_encoder or pipe.text_encoder_2).config.num_hidden_layers - sdxl  # SDXL: penultimate first
     if config.clip_skip >= layers:
-        raise ConfigError(f"--config.clip_skip={config.clip_skip}: this text encoder has {layers} layers; use 0 to "
-                          f"{layers - 1}")
+        raise ConfigError(f"--config.clip_skip={config.clip_skip}: this text encoder has {layers + sdxl} layers; use "
+                          f"0 to {layers - 1}")
     height, width = config.height or pipe.default_size, config.width or pipe.default_size
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -497,16 +533,20 @@ def run(config) -> Path:
     emphasis = config.get("emphasis", "Original")
     # every batch gets the job's chunk count: one program, and an image does not depend on its batch mates
     try:
-        chunks = count_chunks(pipe.tokenizer, [*texts.values(), config.negative_prompt], emphasis=emphasis)
+        chunks = count_chunks(pipe.tokenizer or pipe.tokenizer_2, [*texts.values(), config.negative_prompt],
+                              emphasis=emphasis)
     except ValueError as e:
         raise ConfigError(f"--config.prompt / prompts_file / negative_prompt: {e}") from None
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                   guidance_rescale=config.guidance_rescale, sampler=config.sampler or None, height=height,
                   width=width, clip_skip=config.clip_skip, mesh=mesh, batch_invariant=config.batch_invariant,
                   emphasis=emphasis, min_chunks=chunks)
+    if refiner is not None:
+        kwargs.update(refiner=refiner, denoising_end=config.refiner_switch)
     if trajectory:
         kwargs.update(trajectory_every=trajectory, trajectory_decoder=config.get("trajectory_decoder", "vae"))
-    extra_fields = {key: value for key, value in known_settings(config).items() if key in ("Clip skip", "Emphasis")}
+    extra_fields = {key: value for key, value in known_settings(config).items()
+                    if key in ("Clip skip", "Emphasis", "Refiner", "Refiner switch at")}
     init = {}
     if config.init_image:
         init["init_images"] = [Image.open(config.init_image)] * per_batch
@@ -531,7 +571,8 @@ def run(config) -> Path:
         batch = batch + [batch[-1]] * (per_batch - n)  # a fixed batch shape: compiled once
         extra = {key: value[:per_batch] for key, value in init.items() if key != "strength"}
         images = pipeline.generate(
-            pipe, [texts[s.prompt] for s in batch], negative_prompts=[s.negative_prompt for s in batch],
+            pipe, [texts[s.prompt] for s in batch],  # no negative prompt: None (SDXL's base then takes zeros)
+            negative_prompts=[s.negative_prompt for s in batch] if any(s.negative_prompt for s in batch) else None,
             seeds=[s.seed for s in batch], indices=[s.index for s in batch],
             **({"strength": init["strength"]} if init else {}), **extra, **kwargs)
         images, strips = images if trajectory else (images, [None] * len(images))

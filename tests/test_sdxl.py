@@ -181,11 +181,12 @@ def test_refiner_img2img_matches_diffusers(folders, torch_pipes, monkeypatch):
     agree(ours, theirs)
 
 
-def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes):
+def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes, tmp_path):
     """The ensemble of experts in one call, `text2img(..., refiner=refiner, denoising_end=0.6)`: the base runs the
     calls above 60% of the noise range (751, 501 of Euler's 4) and the refiner the rest from its latents as they
     are, as diffusers' base(denoising_end=0.6, output_type="latent") then refiner(image=latents,
-    denoising_start=0.6): within 1/255 (batch 1, see above)."""
+    denoising_start=0.6): within 1/255 (batch 1, see above). sample.py's --config.refiner makes the same image and
+    records the refiner in the PNG."""
     import sdjax
     from sdjax import pipeline
 
@@ -202,3 +203,16 @@ def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes):
     np.testing.assert_allclose(half, latents.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
     alone = base.text2img(PROMPTS[:1], **kw)
     assert np.abs(ours.astype(int) - alone).max() > 8  # the refiner did the last two steps
+
+    from PIL import Image
+
+    from configs import sample as sample_config
+    from sdjax import jobs
+
+    config = sample_config.get_config()
+    config.update(checkpoint=str(folders["base"]), refiner=str(folders["refiner"]), refiner_switch=0.6,
+                  prompt=PROMPTS[0], steps=4, guidance_scale=5.0, height=SIZE, width=SIZE, data_parallel=1,
+                  output_dir=str(tmp_path / "out"))
+    png = Image.open(next(jobs.run(config).glob("00000-*.png")))
+    np.testing.assert_array_equal(np.asarray(png), ours[0])
+    assert png.text["parameters"].endswith(f"Model: base, Refiner: refiner, Refiner switch at: 0.6")
