@@ -148,15 +148,16 @@ def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False, **lay
 # --------------------------------------------------------------------------------------------------------- SDXL
 
 
-def tiny_unet_sdxl(refiner: bool = False):
+def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4):
     """SDXL's UNet layout, tiny: a plain first level, then cross-attention with 2 transformer layers, linear
-    projections, the added text_time conditioning (the pooled embedding + 6 ids, or the refiner's 5)."""
+    projections, the added text_time conditioning (the pooled embedding + 6 ids, or the refiner's 5); 9 input
+    channels for SDXL's inpainting UNet."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(7)
     cross = CLIP_HIDDEN if refiner else 2 * CLIP_HIDDEN  # the refiner: the second encoder's context alone
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
         cross_attention_dim=cross, norm_num_groups=16, addition_embed_type="text_time",
@@ -165,11 +166,13 @@ def tiny_unet_sdxl(refiner: bool = False):
     return perturb_(unet, 7 + refiner)
 
 
-def tiny_sdxl_pipeline(tmp, refiner: bool = False):
+def tiny_sdxl_pipeline(tmp, refiner: bool = False, inpaint: bool = False):
     """diffusers' StableDiffusionXLPipeline (or, refiner=True, StableDiffusionXLImg2ImgPipeline with the second
-    encoder only and aesthetic-score conditioning) of tiny random models: a 3-layer CLIP ViT-L stand-in, the
-    projection encoder above, SDXL's VAE scaling factor (0.13025), Euler discrete as SDXL ships."""
-    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
+    encoder only and aesthetic-score conditioning; inpaint=True, StableDiffusionXLInpaintPipeline with a 9-channel
+    UNet) of tiny random models: a 3-layer CLIP ViT-L stand-in, the projection encoder above, SDXL's VAE scaling
+    factor (0.13025), Euler discrete as SDXL ships."""
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLPipeline)
 
     vae = tiny_vae(1024)
     vae.register_to_config(scaling_factor=0.13025)
@@ -181,8 +184,9 @@ def tiny_sdxl_pipeline(tmp, refiner: bool = False):
             vae=vae, text_encoder=None, text_encoder_2=tiny_clip("gelu", 3, with_projection=True), tokenizer=None,
             tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(refiner=True), scheduler=scheduler,
             requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
-    return StableDiffusionXLPipeline(
+    cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+    return cls(
         vae=vae, text_encoder=tiny_clip("quick_gelu", num_hidden_layers=3),
         text_encoder_2=tiny_clip("gelu", 3, with_projection=True),
-        tokenizer=tiny_tokenizer(Path(tmp) / "tokenizer_files"), tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(),
-        scheduler=scheduler, force_zeros_for_empty_prompt=True)
+        tokenizer=tiny_tokenizer(Path(tmp) / "tokenizer_files"), tokenizer_2=tokenizer_2,
+        unet=tiny_unet_sdxl(in_channels=9 if inpaint else 4), scheduler=scheduler, force_zeros_for_empty_prompt=True)
