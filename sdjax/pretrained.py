@@ -171,28 +171,41 @@ def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> S
     if path.suffix.lower() == ".safetensors":
         saved = json.loads(read_metadata(path).get(_CONFIG_METADATA, "{}"))
     if saved:  # written by save_single_file: its configs, not the SD conventions, describe the model
-        configs = saved["unet"], saved["vae"], saved["text_encoder"]
+        configs = saved["unet"], saved["vae"], saved.get("text_encoder"), saved.get("text_encoder_2")
         info = single_file.info_from_configs(*configs)
     else:
         info = single_file.detect(state_dict)
         configs = (single_file.unet_config_dict(info), single_file.vae_config_dict(info),
-                   single_file.text_config_dict(info))
-    unet_sd, vae_sd, text_sd = single_file.to_diffusers(state_dict, info)
+                   single_file.text_config_dict(info), single_file.text2_config_dict(info))
+    unet_sd, vae_sd, *text_sds = single_file.to_diffusers(state_dict, info)
     unet_cfg = UNetConfig.from_diffusers(configs[0])
     vae_cfg = AutoencoderKLConfig.from_diffusers(configs[1])
-    text_cfg = CLIPTextConfig.from_transformers(configs[2])
+    encoders, tokenizers = {}, {}
     with ThreadPoolExecutor(threads()) as pool:
         unet = _submit(pool, UNet2DConditionModel, unet_cfg, unet_sd, what=f"{path} (UNet)", **kwargs)
         vae = _submit(pool, AutoencoderKL, vae_cfg, vae_sd, what=f"{path} (VAE)", **kwargs)
-        text_encoder = _submit(pool, CLIPTextEncoder, text_cfg, strip_text_model_prefix(text_sd),
-                               what=f"{path} (text encoder)", ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
-        tokenizer = default_tokenizer(pad_token_id=_PAD_IDS[info.family])
-        unet, vae, text_encoder = unet(), vae(), text_encoder()
+        for part, config, text_sd in zip(("text_encoder", "text_encoder_2"), configs[2:], text_sds):
+            if config is None:
+                continue
+            text_cfg = CLIPTextConfig.from_transformers(config)
+            encoders[part] = _submit(pool, CLIPTextEncoder, text_cfg, strip_text_model_prefix(text_sd),
+                                     what=f"{path} ({part.replace('_', ' ')})", ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
+            # SD 2.x and SDXL's bigG (OpenCLIP) pad with "!", CLIP ViT-L with <|endoftext|>
+            tokenizers[part] = default_tokenizer(pad_token_id=_PAD_IDS[text_cfg.family])
+        unet, vae = unet(), vae()
+        encoders = {part: done() for part, done in encoders.items()}
     scheduler_config = copy.deepcopy(saved.get("scheduler") or variants.SCHEDULERS[info.family])
     if info.family == "sd2" and prediction_type is None and not saved:
         log.warning("%s: single files do not record the prediction type; assuming v_prediction (SD 2.x 768). "
                     "Pass prediction_type='epsilon' for SD 2.x 512-base models.", path)
-    return StableDiffusion(text_encoder, unet, vae, tokenizer, scheduler_config)
+    options = {}
+    if info.family == "sdxl":  # as diffusers' SDXL base and refiner pipelines are configured
+        refiner = "text_encoder" not in encoders
+        options = saved.get("options") or {"force_zeros_for_empty_prompt": not refiner,
+                                           "requires_aesthetics_score": refiner}
+    return StableDiffusion(encoders.get("text_encoder"), unet, vae, tokenizers.get("text_encoder"), scheduler_config,
+                           text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=tokenizers.get("text_encoder_2"),
+                           options=options)
 
 
 def _state_dicts(pipe: StableDiffusion, dtype, what):
@@ -255,7 +268,8 @@ def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=N
 
 
 def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=None) -> Path:
-    """Write `pipe` as one CompVis-layout .safetensors file (A1111, ComfyUI, diffusers' from_single_file).
+    """Write `pipe` as one CompVis-layout .safetensors file (A1111, ComfyUI, diffusers' from_single_file); SDXL
+    base and refiner in the layout of their released files (text encoders under conditioner.embedders.*).
 
     The header's metadata also records the exact model and scheduler configs, so `load_pretrained` rebuilds
     this model exactly even where it departs from the SD conventions a plain single file is read by.
@@ -270,17 +284,24 @@ def save_single_file(pipe: StableDiffusion, path: str | os.PathLike, *, dtype=No
         raise ValueError(f"{path}: this pipeline holds textual inversion tokens {sorted(added)[:4]}, and a single file "
                          "has no tokenizer to name their rows (A1111 keeps embeddings in files of their own): save "
                          "with save_pretrained, or load the model again without the embeddings")
-    if pipe.family == "sdxl":
-        raise ValueError(f"{path}: SDXL single files (conditioner.embedders.*) are not written yet; save with "
-                         "save_pretrained (a diffusers folder, which diffusers and sdjax load)")
+    added = getattr(pipe.tokenizer_2, "added_tokens", None)
+    if added:
+        raise ValueError(f"{path}: the second tokenizer holds textual inversion tokens {sorted(added)[:4]}: save with "
+                         "save_pretrained")
     unet_sd, vae_sd, text_sds = _state_dicts(pipe, dtype, path)
-    text_sd = text_sds["text_encoder"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = single_file.info_from_configs(pipe.unet.config.to_diffusers(), pipe.vae.config.to_diffusers(),
-                                         pipe.text_encoder.config.to_transformers())
-    stored = np.dtype(dtype).name if dtype is not None else np.asarray(unet_sd["conv_in.weight"]).dtype.name
     configs = {"unet": pipe.unet.config.to_diffusers(), "vae": pipe.vae.config.to_diffusers(),
-               "text_encoder": pipe.text_encoder.config.to_transformers(), "scheduler": pipe.scheduler_config}
-    single_file.write_checkpoint(single_file.from_diffusers(unet_sd, vae_sd, text_sd, info), path, dtype=stored,
-                                 metadata={_CONFIG_METADATA: json.dumps(configs)})
+               "scheduler": pipe.scheduler_config}
+    for part in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, part)
+        if encoder is not None:
+            configs[part] = encoder.config.to_transformers()
+    if pipe.family == "sdxl":
+        configs["options"] = pipe.options
+    info = single_file.info_from_configs(configs["unet"], configs["vae"], configs.get("text_encoder"),
+                                         configs.get("text_encoder_2"))
+    stored = np.dtype(dtype).name if dtype is not None else np.asarray(unet_sd["conv_in.weight"]).dtype.name
+    state_dict = single_file.from_diffusers(unet_sd, vae_sd, text_sds.get("text_encoder"), info,
+                                            text_sds.get("text_encoder_2"))
+    single_file.write_checkpoint(state_dict, path, dtype=stored, metadata={_CONFIG_METADATA: json.dumps(configs)})
     return path

@@ -32,10 +32,12 @@ _SD_SCHEDULER = {
     "trained_betas": None,
 }
 
-# The scheduler_config.json each family ships with (SD 1.5: PNDM; SD 2.1: DDIM, v-prediction).
+# The scheduler_config.json each family ships with (SD 1.5: PNDM; SD 2.1: DDIM, v-prediction; SDXL: Euler).
 SCHEDULERS = {
     "sd1": dict(_SD_SCHEDULER),
     "sd2": dict(_SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"),
+    "sdxl": dict(_SD_SCHEDULER, _class_name="EulerDiscreteScheduler", timestep_spacing="leading",
+                 interpolation_type="linear", use_karras_sigmas=False),
 }
 
 

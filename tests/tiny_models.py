@@ -19,6 +19,8 @@ SD1_UNET = dict(block_out_channels=(32, 64, 64), attention_head_dim=8, use_linea
 SD2_UNET = dict(block_out_channels=(64, 128, 128), attention_head_dim=(1, 2, 2), use_linear_projection=True,
                 upcast_attention=True)
 SD2_TEXT_LAYERS = 23
+SDXL_G_HIDDEN = 192  # the tiny ViT-bigG stand-in's width, 3 heads of 64 (1280 in SDXL); not CLIP_HIDDEN: diffusers'
+# from_single_file tells SDXL's two encoders apart by their widths
 SDXL_POOLED = 64  # the tiny ViT-bigG stand-in's projection width (1280 in SDXL)
 SDXL_TIME_DIM = 8  # Fourier features per size/crop id (256 in SDXL)
 
@@ -81,16 +83,18 @@ def tiny_vae(sample_size: int = 512):
 def tiny_clip(hidden_act: str = "quick_gelu", num_hidden_layers: int | None = None, vocab_size: int | None = None,
               with_projection: bool = False):
     """transformers CLIPTextModel; quick_gelu is OpenAI CLIP (SD 1.x), gelu is OpenCLIP (SD 2.x). with_projection:
-    CLIPTextModelWithProjection, SDXL's second encoder (a bias-free text_projection to SDXL_POOLED)."""
+    CLIPTextModelWithProjection, SDXL's second encoder (SDXL_G_HIDDEN wide, a bias-free text_projection to
+    SDXL_POOLED)."""
     import transformers
 
     if num_hidden_layers is None:
         num_hidden_layers = SD2_TEXT_LAYERS if hidden_act == "gelu" else 2
     # projection_dim: no layer of a plain text model, so single-file detection assumes SD's (ViT-H 512, ViT-L its width)
     projection_dim = SDXL_POOLED if with_projection else 512 if hidden_act == "gelu" else CLIP_HIDDEN
+    hidden = SDXL_G_HIDDEN if with_projection else CLIP_HIDDEN
     config = transformers.CLIPTextConfig(
-        vocab_size=vocab_size or 49408, hidden_size=CLIP_HIDDEN, intermediate_size=256,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=CLIP_HIDDEN // 64, max_position_embeddings=77,
+        vocab_size=vocab_size or 49408, hidden_size=hidden, intermediate_size=256,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=hidden // 64, max_position_embeddings=77,
         hidden_act=hidden_act, projection_dim=projection_dim, layer_norm_eps=1e-5,
         bos_token_id=0, eos_token_id=2, pad_token_id=1)
     seed = 6 if with_projection else 4 if hidden_act == "quick_gelu" else 5
@@ -149,18 +153,18 @@ def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False, **lay
 
 
 def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4):
-    """SDXL's UNet layout, tiny: a plain first level, then cross-attention with 2 transformer layers, linear
-    projections, the added text_time conditioning (the pooled embedding + 6 ids, or the refiner's 5); 9 input
-    channels for SDXL's inpainting UNet."""
+    """SDXL's UNet layout, tiny: a plain first level, then cross-attention with 2 transformer layers (head dim 64,
+    32 GroupNorm groups, as SDXL: what a single file's tensors do not say), linear projections, the added text_time
+    conditioning (the pooled embedding + 6 ids, or the refiner's 5); 9 input channels for SDXL's inpainting UNet."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(7)
-    cross = CLIP_HIDDEN if refiner else 2 * CLIP_HIDDEN  # the refiner: the second encoder's context alone
+    cross = SDXL_G_HIDDEN + (0 if refiner else CLIP_HIDDEN)  # the refiner: the second encoder's context alone
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-        cross_attention_dim=cross, norm_num_groups=16, addition_embed_type="text_time",
+        transformer_layers_per_block=(1, 2), attention_head_dim=(1, 2), use_linear_projection=True,
+        cross_attention_dim=cross, norm_num_groups=32, addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_DIM,
         projection_class_embeddings_input_dim=SDXL_POOLED + (5 if refiner else 6) * SDXL_TIME_DIM)
     return perturb_(unet, 7 + refiner)

@@ -4,8 +4,13 @@
 key(s) it becomes and how the tensor changes shape on the way:
   ""        same tensor,
   "conv1x1" VAE attention projections: ldm 1x1 conv (out, in, 1, 1) <-> diffusers Linear (out, in),
-  "qkv"     OpenCLIP fused attn.in_proj (3 * width, ...) <-> transformers q_proj, k_proj, v_proj.
+  "qkv"     OpenCLIP fused attn.in_proj (3 * width, ...) <-> transformers q_proj, k_proj, v_proj,
+  "T"       OpenCLIP's text_projection (width, out), applied as x @ P <-> a Linear weight (out, width).
 `info` is a `sdjax.weights.single_file.SingleFileInfo` (only its architecture numbers are read).
+
+SDXL files keep the UNet and VAE where SD does and put the text encoders under `conditioner.embedders.N.`: the base's
+CLIP ViT-L as transformers names it (N = 0) and OpenCLIP ViT-bigG (N = 1, with its text_projection, all layers);
+the refiner has the bigG encoder alone (N = 0). Its UNet's `label_emb` is diffusers' add_embedding.
 """
 from __future__ import annotations
 
@@ -15,6 +20,12 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer.text_model."  # SD 1.x: transformers CLIPTextModel inside ldm
 OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H text tower
+SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."  # SDXL base: CLIP ViT-L
+
+
+def sdxl_open_clip(has_clip_l: bool) -> str:
+    """Where an SDXL file keeps OpenCLIP ViT-bigG: embedder 1 beside ViT-L (base), else embedder 0 (refiner)."""
+    return f"conditioner.embedders.{1 if has_clip_l else 0}.model."
 
 
 class Entry(NamedTuple):
@@ -59,14 +70,24 @@ def _unet_transformer(ldm, diffusers, depth):
     return out
 
 
+def transformer_depths(info) -> tuple[int, ...]:
+    """Transformer blocks per attention of each level (diffusers' transformer_layers_per_block, one value or one
+    per level); the mid block has the last level's."""
+    depth = info.transformer_layers_per_block
+    return tuple(depth) if isinstance(depth, (tuple, list)) else (depth,) * len(info.block_out_channels)
+
+
 def unet_layout(info) -> list[Entry]:
     ch, n = info.block_out_channels, info.layers_per_block
-    levels, depth = len(ch), info.transformer_layers_per_block
+    levels, depths = len(ch), transformer_depths(info)
     attention = [t.startswith("CrossAttn") for t in info.down_block_types]
     out = []
     for ldm, diffusers in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
                            ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")):
         out += _pair("unet", UNET + ldm, diffusers)
+    if getattr(info, "addition_embed_dim", 0):  # SDXL: the pooled text embedding + size ids
+        out += _pair("unet", UNET + "label_emb.0.0", "add_embedding.linear_1")
+        out += _pair("unet", UNET + "label_emb.0.2", "add_embedding.linear_2")
     skips, c_in = [ch[0]], ch[0]  # channels of every input block, popped by the output blocks
     for level in range(levels):
         for j in range(n):
@@ -74,14 +95,14 @@ def unet_layout(info) -> list[Entry]:
             out += _unet_resnet(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", c_in, ch[level])
             c_in = ch[level]
             if attention[level]:
-                out += _unet_transformer(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", depth)
+                out += _unet_transformer(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", depths[level])
             skips.append(c_in)
         if level < levels - 1:
             i = 1 + level * (n + 1) + n
             out += _pair("unet", f"{UNET}input_blocks.{i}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
             skips.append(c_in)
     out += _unet_resnet("middle_block.0", "mid_block.resnets.0", ch[-1], ch[-1])
-    out += _unet_transformer("middle_block.1", "mid_block.attentions.0", depth)
+    out += _unet_transformer("middle_block.1", "mid_block.attentions.0", depths[-1])
     out += _unet_resnet("middle_block.2", "mid_block.resnets.1", ch[-1], ch[-1])
     for u in range(levels):  # diffusers' up block u is ldm level levels-1-u
         level = levels - 1 - u
@@ -91,7 +112,7 @@ def unet_layout(info) -> list[Entry]:
             c_in = ch[level]
             sub = 1
             if attention[level]:
-                out += _unet_transformer(f"output_blocks.{i}.1", f"up_blocks.{u}.attentions.{j}", depth)
+                out += _unet_transformer(f"output_blocks.{i}.1", f"up_blocks.{u}.attentions.{j}", depths[level])
                 sub = 2
             if level > 0 and j == n:
                 out += _pair("unet", f"{UNET}output_blocks.{i}.{sub}.conv", f"up_blocks.{u}.upsamplers.0.conv")
@@ -143,30 +164,45 @@ def vae_layout(info) -> list[Entry]:
     return out
 
 
-def clip_layout(info) -> list[Entry]:
-    """SD 1.x: ldm wraps transformers' CLIPTextModel, so only the prefix changes."""
+def clip_layout(num_layers: int, prefix: str = CLIP) -> list[Entry]:
+    """SD 1.x (and SDXL's ViT-L): ldm wraps transformers' CLIPTextModel, so only the prefix changes."""
     names = ["embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
              "final_layer_norm.weight", "final_layer_norm.bias"]
-    names += [f"encoder.layers.{k}.{m}.{leaf}" for k in range(info.text_num_layers) for m in _CLIP_LAYER for leaf in _WB]
-    return [Entry("text", CLIP + name, ("text_model." + name,)) for name in names]
+    names += [f"encoder.layers.{k}.{m}.{leaf}" for k in range(num_layers) for m in _CLIP_LAYER for leaf in _WB]
+    return [Entry("text", prefix + name, ("text_model." + name,)) for name in names]
 
 
-def open_clip_layout(info) -> list[Entry]:
-    """SD 2.x: OpenCLIP's text tower; diffusers keeps its first 23 of 24 resblocks (the penultimate-layer trick)."""
-    out = [Entry("text", OPEN_CLIP + "token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
-           Entry("text", OPEN_CLIP + "positional_embedding", ("text_model.embeddings.position_embedding.weight",))]
-    out += _pair("text", OPEN_CLIP + "ln_final", "text_model.final_layer_norm")
-    for k in range(info.text_num_layers):
-        ldm, layer = f"{OPEN_CLIP}transformer.resblocks.{k}", f"text_model.encoder.layers.{k}"
+def open_clip_layout(num_layers: int, prefix: str = OPEN_CLIP, component: str = "text",
+                     projection: bool = False) -> list[Entry]:
+    """OpenCLIP's text tower, its first `num_layers` resblocks (SD 2.x: diffusers keeps 23 of 24, the
+    penultimate-layer trick; SDXL's bigG: all 32) and, with `projection`, its text_projection (SDXL's pooled
+    embedding)."""
+    out = [Entry(component, prefix + "token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
+           Entry(component, prefix + "positional_embedding", ("text_model.embeddings.position_embedding.weight",))]
+    out += _pair(component, prefix + "ln_final", "text_model.final_layer_norm")
+    if projection:
+        out.append(Entry(component, prefix + "text_projection", ("text_projection.weight",), "T"))
+    for k in range(num_layers):
+        ldm, layer = f"{prefix}transformer.resblocks.{k}", f"text_model.encoder.layers.{k}"
         for leaf, ldm_leaf in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
-            out.append(Entry("text", f"{ldm}.attn.{ldm_leaf}",
+            out.append(Entry(component, f"{ldm}.attn.{ldm_leaf}",
                              tuple(f"{layer}.self_attn.{p}_proj.{leaf}" for p in "qkv"), "qkv"))
         for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
                      ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-            out += _pair("text", f"{ldm}.{a}", f"{layer}.{b}")
+            out += _pair(component, f"{ldm}.{a}", f"{layer}.{b}")
     return out
 
 
+def text_layout(info) -> list[Entry]:
+    """The text encoders' entries: component "text" (SD's encoder, SDXL's ViT-L) and "text_2" (SDXL's bigG)."""
+    if info.family == "sd1":
+        return clip_layout(info.text_num_layers)
+    if info.family == "sd2":
+        return open_clip_layout(info.text_num_layers)
+    has_clip_l = info.text_num_layers > 0
+    out = clip_layout(info.text_num_layers, SDXL_CLIP) if has_clip_l else []
+    return out + open_clip_layout(info.text2_num_layers, sdxl_open_clip(has_clip_l), "text_2", projection=True)
+
+
 def layout(info) -> list[Entry]:
-    text = clip_layout(info) if info.family == "sd1" else open_clip_layout(info)
-    return unet_layout(info) + vae_layout(info) + text
+    return unet_layout(info) + vae_layout(info) + text_layout(info)

@@ -1,4 +1,4 @@
-"""Original CompVis / A1111 single-file Stable Diffusion checkpoints (SD 1.x, SD 2.x) <-> diffusers state dicts.
+"""Original CompVis / A1111 / ComfyUI single-file checkpoints (SD 1.x, SD 2.x, SDXL) <-> diffusers state dicts.
 
     sd = read_checkpoint("v1-5-pruned-emaonly.safetensors")
     info = detect(sd)                                   # family, inpainting, architecture
@@ -6,12 +6,16 @@
     unet_config_dict(info), vae_config_dict(info), text_config_dict(info)   # their config.json dicts
 
 and back: `write_checkpoint(from_diffusers(unet_sd, vae_sd, text_sd, info), "model.safetensors")`, with
-`info_from_configs(...)` describing a diffusers model. Pure numpy; torch is imported only to read .ckpt.
+`info_from_configs(...)` describing a diffusers model. SDXL (`conditioner.embedders.*`) adds its second text
+encoder, OpenCLIP ViT-bigG: to_diffusers gives (unet, vae, text, text_2), from_diffusers and info_from_configs take
+text_2 too, text2_config_dict its config; the refiner has no first encoder (text None, text_num_layers 0). Pure
+numpy; torch is imported only to read .ckpt.
 
 What the tensors cannot tell, detection takes from the SD conventions (the diffusers configs of the
-released models): SD 1.x UNets use 8 attention heads, SD 2.x UNets a head dim of 64, both text encoders
-a head dim of 64; GroupNorm has 32 groups; the VAE scaling factor is 0.18215; the prediction type
-(epsilon or v) is left None. A model that breaks these conventions needs a corrected `SingleFileInfo`
+released models): SD 1.x UNets use 8 attention heads, SD 2.x and SDXL UNets a head dim of 64, all text encoders
+a head dim of 64; GroupNorm has 32 groups; the VAE scaling factor is 0.18215 (SDXL: 0.13025); the prediction
+type (epsilon or v) is left None; an SDXL file with both encoders is a base model (6 size ids), one with bigG alone a
+refiner (5: the aesthetic score). A model that breaks these conventions needs a corrected `SingleFileInfo`
 (`dataclasses.replace`).
 """
 from __future__ import annotations
@@ -39,19 +43,19 @@ _IGNORED_PREFIXES = ("model_ema.",)
 _IGNORED_SUFFIXES = (".position_ids",)
 _UP = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 _WRITE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-_ACT = {"sd1": "quick_gelu", "sd2": "gelu"}  # OpenAI CLIP-L vs OpenCLIP ViT-H
+_ACT = {"sd1": "quick_gelu", "sd2": "gelu", "sdxl": "quick_gelu"}  # OpenAI CLIP-L vs OpenCLIP ViT-H (SDXL: ViT-L)
 
 
 @dataclasses.dataclass(frozen=True)
 class SingleFileInfo:
-    """What a single file holds: family, inpainting, and the architecture numbers of its three models."""
-    family: str  # "sd1" (OpenAI CLIP text encoder) | "sd2" (OpenCLIP)
+    """What a single file holds: family, inpainting, and the architecture numbers of its models."""
+    family: str  # "sd1" (OpenAI CLIP text encoder) | "sd2" (OpenCLIP) | "sdxl" (both)
     unet_in_channels: int  # 4, or 9 for inpainting
     unet_out_channels: int
     block_out_channels: tuple[int, ...]
     layers_per_block: int
     down_block_types: tuple[str, ...]
-    transformer_layers_per_block: int
+    transformer_layers_per_block: int | tuple[int, ...]  # one value, or one per level (SDXL: 1, 2, 10)
     cross_attention_dim: int
     attention_head_dim: int | tuple[int, ...]  # diffusers' name; it counts heads (SD1: 8, SD2: channels // 64)
     use_linear_projection: bool
@@ -60,13 +64,22 @@ class SingleFileInfo:
     vae_block_out_channels: tuple[int, ...]
     vae_layers_per_block: int
     latent_channels: int
-    text_vocab_size: int
+    text_vocab_size: int  # SD's text encoder, SDXL's ViT-L (all 0 for SDXL's refiner, which has none)
     text_hidden_size: int
     text_intermediate_size: int
     text_num_layers: int  # as diffusers counts them: SD 2.x drops OpenCLIP's last resblock
     text_num_heads: int
     text_max_positions: int
     prediction_type: str | None = None  # "epsilon" | "v_prediction"; a file does not say
+    addition_embed_dim: int = 0  # SDXL: the UNet's added conditioning (pooled width + ids * addition_time_embed_dim)
+    addition_time_embed_dim: int = 0
+    text2_vocab_size: int = 0  # SDXL's OpenCLIP ViT-bigG, with its projection to text2_projection_dim
+    text2_hidden_size: int = 0
+    text2_intermediate_size: int = 0
+    text2_num_layers: int = 0
+    text2_num_heads: int = 0
+    text2_max_positions: int = 0
+    text2_projection_dim: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -148,24 +161,44 @@ def _detect_unet(sd, family):
         i += 1
     if not channels or any(len(lv) != len(levels[0]) or len(set(lv)) != 1 for lv in levels):
         raise ValueError(f"unsupported UNet layout: resnets with attention per level {levels}")
-    depths = {}
-    for k in sd:
-        if m := re.match(re.escape(U) + r"(.+)\.transformer_blocks\.(\d+)\.norm1\.weight$", k):
-            depths[m.group(1)] = max(depths.get(m.group(1), 0), int(m.group(2)) + 1)
-    if len(set(depths.values())) != 1 or U + "middle_block.1.proj_in.weight" not in sd:
-        raise ValueError(f"unsupported UNet layout: transformer depths {sorted(set(depths.values()))}, "
-                         f"mid-block attention {'present' if U + 'middle_block.1.proj_in.weight' in sd else 'missing'}")
-    if family == "sd2" and any(c % 64 for c in channels):
-        raise ValueError(f"SD 2.x UNet channels {channels} are not multiples of the head dim 64")
+    if U + "middle_block.1.proj_in.weight" not in sd:
+        raise ValueError("unsupported UNet layout: the mid block has no attention")
+    if family != "sd1" and any(c % 64 for c in channels):
+        raise ValueError(f"{family} UNet channels {channels} are not multiples of the head dim 64")
     proj_in = sd[U + "middle_block.1.proj_in.weight"]
     return dict(
         unet_in_channels=int(conv_in.shape[1]), unet_out_channels=int(sd[U + "out.2.weight"].shape[0]),
         block_out_channels=tuple(int(c) for c in channels), layers_per_block=len(levels[0]),
         down_block_types=tuple("CrossAttnDownBlock2D" if lv[0] else "DownBlock2D" for lv in levels),
-        transformer_layers_per_block=depths.popitem()[1],
+        transformer_layers_per_block=_transformer_depths(sd, [lv[0] for lv in levels], len(levels[0])),
         cross_attention_dim=int(sd[U + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]),
         attention_head_dim=8 if family == "sd1" else tuple(int(c) // 64 for c in channels),
         use_linear_projection=proj_in.ndim == 2)
+
+
+def _transformer_depths(sd, attention: list[bool], per_level: int) -> int | tuple[int, ...]:
+    """diffusers' transformer_layers_per_block: one value when every attention (and the mid block's) has the same
+    number of transformer blocks, else one per level, the mid block's last (a level without attention gets 1, or
+    the mid block's when it is the last). Every attention of a level must have that level's count."""
+    U = L.UNET
+
+    def depth(block: str) -> int:
+        return _count(sd, re.escape(U + block) + r"\.transformer_blocks\.(\d+)\.norm1\.weight$")
+
+    mid = depth("middle_block.1")
+    levels = [depth(f"input_blocks.{1 + level * (per_level + 1)}.1") if has else None
+              for level, has in enumerate(attention)]
+    found = {depth(f"{m.group(1)}.1") for k in sd if (m := re.match(re.escape(U) + r"((?:in|out)put_blocks\.\d+)\.1"
+                                                                                   r"\.transformer_blocks\.0\.norm1", k))}
+    if not found <= {d for d in levels if d} | {mid}:
+        raise ValueError(f"unsupported UNet layout: transformer depths {sorted(found)} do not follow the levels' "
+                         f"{levels}")
+    if all(d in (None, mid) for d in levels):
+        return mid
+    if levels[-1] not in (None, mid):
+        raise ValueError(f"unsupported UNet layout: the mid block has {mid} transformer blocks, the last level "
+                         f"{levels[-1]}")
+    return tuple(d or 1 for d in levels[:-1]) + (mid,)
 
 
 def _detect_vae(sd):
@@ -180,28 +213,67 @@ def _detect_vae(sd):
         vae_layers_per_block=n, latent_channels=int(sd[V + "post_quant_conv.weight"].shape[0]))
 
 
-def _detect_text(sd, family):
-    if family == "sd1":
-        P = L.CLIP
+def _detect_text(sd, family, prefix: str | None = None, field: str = "text"):
+    """The `field`_* numbers of the text encoder at `prefix`: transformers' CLIP layout (sd1, SDXL's ViT-L) or
+    OpenCLIP's (sd2 drops its last resblock as diffusers does; SDXL's bigG keeps them all and adds its projection)."""
+    open_clip = family == "sd2" or field == "text2"
+    if not open_clip:
+        P = prefix or L.CLIP
         tokens, positions = sd[P + "embeddings.token_embedding.weight"], sd[P + "embeddings.position_embedding.weight"]
         layers = _count(sd, re.escape(P) + r"encoder\.layers\.(\d+)\.")
         intermediate = sd[P + "encoder.layers.0.mlp.fc1.weight"].shape[0]
     else:
-        P = L.OPEN_CLIP
+        P = prefix or L.OPEN_CLIP
         tokens, positions = sd[P + "token_embedding.weight"], sd[P + "positional_embedding"]
-        layers = _count(sd, re.escape(P) + r"transformer\.resblocks\.(\d+)\.") - 1  # diffusers drops the last
+        layers = _count(sd, re.escape(P) + r"transformer\.resblocks\.(\d+)\.") - (family == "sd2")
         intermediate = sd[P + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     hidden = int(tokens.shape[1])
-    return dict(text_vocab_size=int(tokens.shape[0]), text_hidden_size=hidden, text_intermediate_size=int(intermediate),
-                text_num_layers=layers, text_num_heads=max(hidden // 64, 1), text_max_positions=int(positions.shape[0]))
+    out = {"vocab_size": int(tokens.shape[0]), "hidden_size": hidden, "intermediate_size": int(intermediate),
+           "num_layers": layers, "num_heads": max(hidden // 64, 1), "max_positions": int(positions.shape[0])}
+    if field == "text2":
+        out["projection_dim"] = int(sd[P + "text_projection"].shape[1])
+    return {f"{field}_{k}": v for k, v in out.items()}
+
+
+_NO_TEXT = {f"text_{k}": 0 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                     "max_positions")}
+
+
+def _detect_sdxl(sd) -> SingleFileInfo:
+    """An SDXL base (ViT-L and bigG) or refiner (bigG alone) file."""
+    has_clip_l = L.SDXL_CLIP + "embeddings.token_embedding.weight" in sd
+    bigg = L.sdxl_open_clip(has_clip_l)
+    required = {"UNet": L.UNET + "input_blocks.0.0.weight", "VAE": L.VAE + "encoder.conv_in.weight",
+                "OpenCLIP ViT-bigG text encoder": bigg + "text_projection",
+                "added conditioning (label_emb)": L.UNET + "label_emb.0.0.weight"}
+    missing = [name for name, key in required.items() if key not in sd]
+    if missing:
+        raise ValueError(f"not an SDXL single file sdjax knows: no {', '.join(missing)} (looked for "
+                         f"{', '.join(required.values())}); found {_summary(sd)}")
+    try:
+        text = _detect_text(sd, "sdxl", L.SDXL_CLIP) if has_clip_l else _NO_TEXT
+        info = SingleFileInfo(family="sdxl", **_detect_unet(sd, "sdxl"), **_detect_vae(sd), **text,
+                              **_detect_text(sd, "sdxl", bigg, "text2"))
+    except KeyError as e:
+        raise ValueError(f"incomplete SDXL checkpoint: tensor {e.args[0]} is missing") from None
+    added = int(sd[L.UNET + "label_emb.0.0.weight"].shape[1])
+    ids = 6 if has_clip_l else 5  # the base's sizes and crop, the refiner's with the aesthetic score
+    per_id, left = divmod(added - info.text2_projection_dim, ids)
+    if left or per_id <= 0:
+        raise ValueError(f"the UNet's added conditioning takes {added} features: not the pooled embedding "
+                         f"({info.text2_projection_dim}) + {ids} size ids of equal width")
+    context = info.text_hidden_size + info.text2_hidden_size
+    if info.cross_attention_dim != context:
+        raise ValueError(f"the UNet cross-attends to width {info.cross_attention_dim} but the text encoders give "
+                         f"{context}")
+    return dataclasses.replace(info, addition_embed_dim=added, addition_time_embed_dim=per_id)
 
 
 def detect(sd: dict[str, np.ndarray]) -> SingleFileInfo:
     """Family (sd1 / sd2), inpainting and architecture of a CompVis single-file state dict."""
     sd = _normalize_clip_prefix(sd)
     if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise ValueError("SDXL-style checkpoint (conditioner.embedders.*): only SD 1.x / 2.x single files are "
-                         f"supported; found {_summary(sd)}")
+        return _detect_sdxl(sd)
     required = {"UNet": L.UNET + "input_blocks.0.0.weight", "VAE": L.VAE + "encoder.conv_in.weight"}
     if L.OPEN_CLIP + "token_embedding.weight" in sd:
         family = "sd2"
@@ -228,20 +300,44 @@ def detect(sd: dict[str, np.ndarray]) -> SingleFileInfo:
     return info
 
 
-def info_from_configs(unet_config: dict, vae_config: dict, text_config: dict) -> SingleFileInfo:
-    """The SingleFileInfo of a diffusers model, from its three config.json dicts (to write it as a single file)."""
-    family = {v: k for k, v in _ACT.items()}.get(text_config.get("hidden_act"))
+def _text_fields(config: dict | None, field: str) -> dict:
+    if config is None:
+        return {f"{field}_{k}": 0 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                            "num_heads", "max_positions")}
+    out = {"vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"],
+           "intermediate_size": config["intermediate_size"], "num_layers": config["num_hidden_layers"],
+           "num_heads": config["num_attention_heads"], "max_positions": config["max_position_embeddings"]}
+    if field == "text2":
+        out["projection_dim"] = config["projection_dim"]
+    return {f"{field}_{k}": v for k, v in out.items()}
+
+
+def info_from_configs(unet_config: dict, vae_config: dict, text_config: dict | None,
+                      text_2_config: dict | None = None) -> SingleFileInfo:
+    """The SingleFileInfo of a diffusers model, from its config.json dicts (to write it as a single file): SDXL's
+    gives its second text encoder's too (and no first one for the refiner)."""
+    sdxl = unet_config.get("addition_embed_type") == "text_time"
+    family = "sdxl" if sdxl else {v: k for k, v in _ACT.items() if k != "sdxl"}.get((text_config or {}).get("hidden_act"))
     if family is None:
-        raise ValueError(f"text encoder hidden_act {text_config.get('hidden_act')!r}: expected quick_gelu (SD 1.x) "
-                         "or gelu (SD 2.x OpenCLIP)")
+        raise ValueError(f"text encoder hidden_act {(text_config or {}).get('hidden_act')!r}: expected quick_gelu "
+                         "(SD 1.x) or gelu (SD 2.x OpenCLIP)")
+    if sdxl and text_2_config is None:
+        raise ValueError("an SDXL UNet needs its second text encoder's config (text_2_config)")
     down = tuple(unet_config["down_block_types"])
     if tuple(unet_config["up_block_types"]) != tuple(_UP.get(t, t) for t in reversed(down)):
         raise ValueError(f"UNet up_block_types {unet_config['up_block_types']} do not mirror {down}")
     depth = unet_config.get("transformer_layers_per_block", 1)
     if not isinstance(depth, int):
-        raise ValueError(f"per-block transformer_layers_per_block {depth} is not an SD 1.x / 2.x layout")
+        depth = tuple(depth)
+        if not all(isinstance(d, int) for d in depth) or len(depth) != len(down):
+            raise ValueError(f"transformer_layers_per_block {depth}: a single file stores one value or one per level")
     heads = unet_config["attention_head_dim"]
-    return SingleFileInfo(
+    extra = {}
+    if sdxl:
+        extra = dict(addition_embed_dim=unet_config["projection_class_embeddings_input_dim"],
+                     addition_time_embed_dim=unet_config["addition_time_embed_dim"],
+                     **_text_fields(text_2_config, "text2"))
+    return SingleFileInfo(**extra,
         family=family, unet_in_channels=unet_config["in_channels"], unet_out_channels=unet_config["out_channels"],
         block_out_channels=tuple(unet_config["block_out_channels"]), layers_per_block=unet_config["layers_per_block"],
         down_block_types=down, transformer_layers_per_block=depth,
@@ -250,10 +346,7 @@ def info_from_configs(unet_config: dict, vae_config: dict, text_config: dict) ->
         use_linear_projection=bool(unet_config.get("use_linear_projection", False)),
         vae_in_channels=vae_config["in_channels"], vae_out_channels=vae_config["out_channels"],
         vae_block_out_channels=tuple(vae_config["block_out_channels"]), vae_layers_per_block=vae_config["layers_per_block"],
-        latent_channels=vae_config["latent_channels"], text_vocab_size=text_config["vocab_size"],
-        text_hidden_size=text_config["hidden_size"], text_intermediate_size=text_config["intermediate_size"],
-        text_num_layers=text_config["num_hidden_layers"], text_num_heads=text_config["num_attention_heads"],
-        text_max_positions=text_config["max_position_embeddings"])
+        latent_channels=vae_config["latent_channels"], **_text_fields(text_config, "text"))
 
 
 def unet_config_dict(info: SingleFileInfo) -> dict:
@@ -266,14 +359,18 @@ def unet_config_dict(info: SingleFileInfo) -> dict:
         "layers_per_block": info.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-5,
         "norm_num_groups": 32, "out_channels": info.unet_out_channels,
         # the default image size only: 768 px for SD 2.x as diffusers assumes (2.x-base and inpainting: 512)
-        "sample_size": 96 if info.family == "sd2" and info.unet_in_channels == 4 else 64,
+        "sample_size": 128 if info.family == "sdxl" else 96 if info.family == "sd2" and info.unet_in_channels == 4
+        else 64,
         "up_block_types": [_UP[t] for t in reversed(info.down_block_types)],
         "use_linear_projection": info.use_linear_projection,
         # SD 2.1 ships upcast_attention=True (fp16 overflow); it changes nothing in fp32
         "upcast_attention": info.family == "sd2",
     }
     if info.transformer_layers_per_block != 1:
-        config["transformer_layers_per_block"] = info.transformer_layers_per_block
+        config["transformer_layers_per_block"] = _jsonable(info.transformer_layers_per_block)
+    if info.family == "sdxl":
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=info.addition_time_embed_dim,
+                      projection_class_embeddings_input_dim=info.addition_embed_dim)
     return config
 
 
@@ -285,13 +382,17 @@ def vae_config_dict(info: SingleFileInfo) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * levels, "in_channels": info.vae_in_channels,
         "latent_channels": info.latent_channels, "layers_per_block": info.vae_layers_per_block,
         "norm_num_groups": 32, "out_channels": info.vae_out_channels,
-        "sample_size": 768 if info.family == "sd2" and info.unet_in_channels == 4 else 512,
-        "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "sample_size": 1024 if info.family == "sdxl" else 768 if info.family == "sd2" and info.unet_in_channels == 4
+        else 512,
+        "scaling_factor": 0.13025 if info.family == "sdxl" else 0.18215, "up_block_types": ["UpDecoderBlock2D"] * levels,
     }
 
 
-def text_config_dict(info: SingleFileInfo) -> dict:
-    """transformers CLIPTextModel config.json for the detected model (token ids as in the released SD configs)."""
+def text_config_dict(info: SingleFileInfo) -> dict | None:
+    """transformers CLIPTextModel config.json for the detected model (token ids as in the released SD configs);
+    None for SDXL's refiner, which has no first text encoder."""
+    if not info.text_num_layers:
+        return None
     return {
         "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0,
         "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "hidden_act": _ACT[info.family],
@@ -304,6 +405,21 @@ def text_config_dict(info: SingleFileInfo) -> dict:
     }
 
 
+def text2_config_dict(info: SingleFileInfo) -> dict | None:
+    """transformers CLIPTextModelWithProjection config.json of SDXL's OpenCLIP ViT-bigG (None for SD 1.x / 2.x)."""
+    if info.family != "sdxl":
+        return None
+    return {
+        "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "attention_dropout": 0.0,
+        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "hidden_act": "gelu",
+        "hidden_size": info.text2_hidden_size, "initializer_factor": 1.0, "initializer_range": 0.02,
+        "intermediate_size": info.text2_intermediate_size, "layer_norm_eps": 1e-5,
+        "max_position_embeddings": info.text2_max_positions, "num_attention_heads": info.text2_num_heads,
+        "num_hidden_layers": info.text2_num_layers, "projection_dim": info.text2_projection_dim,
+        "vocab_size": info.text2_vocab_size,
+    }
+
+
 def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
 
@@ -313,6 +429,8 @@ def _jsonable(value):
 def _ignored(key: str, info: SingleFileInfo) -> bool:
     if key in _SCHEDULE_BUFFERS or key.startswith(_IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES):
         return True
+    if info.family == "sdxl":  # OpenCLIP's contrastive temperature: no part of SDXL
+        return key == L.sdxl_open_clip(info.text_num_layers > 0) + "logit_scale"
     # OpenCLIP parts diffusers' SD 2.x text encoder has no use for: the last resblock, the projection head
     return info.family == "sd2" and (
         key in (L.OPEN_CLIP + "text_projection", L.OPEN_CLIP + "logit_scale")
@@ -328,9 +446,10 @@ def _mismatch(what: str, missing: list[str], unexpected: list[str]) -> ValueErro
 
 
 def to_diffusers(sd: dict[str, np.ndarray], info: SingleFileInfo):
-    """(unet_sd, vae_sd, text_sd) with diffusers / transformers keys (text keys `text_model.*`)."""
+    """(unet_sd, vae_sd, text_sd) with diffusers / transformers keys (text keys `text_model.*`); SDXL: (unet_sd,
+    vae_sd, text_sd or None for the refiner, text_2_sd), text_2_sd with its `text_projection.weight`."""
     sd = _normalize_clip_prefix(sd)
-    out = {"unet": {}, "vae": {}, "text": {}}
+    out = {"unet": {}, "vae": {}, "text": {}, "text_2": {}}
     used, missing = set(), []
     for e in L.layout(info):
         if e.ldm not in sd:
@@ -340,19 +459,28 @@ def to_diffusers(sd: dict[str, np.ndarray], info: SingleFileInfo):
         value = np.asarray(sd[e.ldm])
         if e.transform == "conv1x1" and value.ndim == 4:
             value = value[:, :, 0, 0]
+        if e.transform == "T":
+            value = value.T
         parts = np.split(value, 3, axis=0) if e.transform == "qkv" else [value]
         for key, part in zip(e.diffusers, parts):
             out[e.component][key] = part
     unexpected = sorted(k for k in sd if k not in used and not _ignored(k, info))
     if missing or unexpected:
         raise _mismatch(f"{info.family} single-file checkpoint", missing, unexpected)
+    if info.family == "sdxl":
+        return out["unet"], out["vae"], out["text"] or None, out["text_2"]
     return out["unet"], out["vae"], out["text"]
 
 
-def from_diffusers(unet_sd: dict, vae_sd: dict, text_sd: dict, info: SingleFileInfo) -> dict[str, np.ndarray]:
-    """The CompVis single-file state dict of a diffusers model (text keys with or without `text_model.`)."""
-    text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text_sd.items()}
-    sources = {"unet": unet_sd, "vae": vae_sd, "text": text_sd}
+def from_diffusers(unet_sd: dict, vae_sd: dict, text_sd: dict | None, info: SingleFileInfo,
+                   text_2_sd: dict | None = None) -> dict[str, np.ndarray]:
+    """The CompVis single-file state dict of a diffusers model (text keys with or without `text_model.`); SDXL's
+    with its second text encoder's state dict (`text_projection.weight` beside the text model)."""
+    def prefixed(text):
+        return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+                for k, v in (text or {}).items()}
+
+    sources = {"unet": unet_sd, "vae": vae_sd, "text": prefixed(text_sd), "text_2": prefixed(text_2_sd)}
     used = {name: set() for name in sources}
     out, missing = {}, []
     for e in L.layout(info):
@@ -365,6 +493,8 @@ def from_diffusers(unet_sd: dict, vae_sd: dict, text_sd: dict, info: SingleFileI
         values = [np.asarray(src[k]) for k in e.diffusers]
         if e.transform == "qkv":
             out[e.ldm] = np.concatenate(values, axis=0)
+        elif e.transform == "T":
+            out[e.ldm] = np.ascontiguousarray(values[0].T)
         elif e.transform == "conv1x1":
             out[e.ldm] = values[0][:, :, None, None]
         else:
@@ -375,6 +505,9 @@ def from_diffusers(unet_sd: dict, vae_sd: dict, text_sd: dict, info: SingleFileI
         raise _mismatch("diffusers state dicts", missing, unexpected)
     if info.family == "sd2":
         out.update(_open_clip_extras(info, out[L.OPEN_CLIP + "token_embedding.weight"].dtype))
+    if info.family == "sdxl":  # as the released files have it
+        bigg = L.sdxl_open_clip(info.text_num_layers > 0)
+        out[bigg + "logit_scale"] = np.asarray(math.log(1 / 0.07), out[bigg + "token_embedding.weight"].dtype)
     return out
 
 
