@@ -54,6 +54,16 @@ def _abstract_split(cls, config, kwargs: tuple):
     return nnx.split(module)
 
 
+def vae_kwargs(config: AutoencoderKLConfig, kwargs: dict) -> dict:
+    """The VAE's dtypes: float32 where the model asks for float16 and the VAE's config says `force_upcast` (diffusers'
+    default, and what SD 1.x, 2.x and SDXL's VAEs ship with): their activations overflow float16's 65504 (SDXL's
+    decoder gives NaN images), as diffusers upcasts them to decode. bfloat16 has float32's range and is kept; a VAE
+    made for float16 (force_upcast false, e.g. SDXL's fp16-fix VAE) too."""
+    if config.force_upcast and jnp.float16 in (kwargs.get("dtype"), kwargs.get("param_dtype")):
+        return dict(kwargs, dtype=jnp.float32, param_dtype=jnp.float32)
+    return kwargs
+
+
 def _submit(pool, cls, config, state_dict, *, what: str, ignore=(), **kwargs):
     """Build `cls` abstractly and start filling it from `state_dict` on `pool`; returns the function that waits and
     gives the module. The next module is built while this one's tensors convert."""
@@ -71,7 +81,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     """Load a Stable Diffusion 1.x / 2.x checkpoint: a diffusers folder or a single CompVis file.
 
     dtype: compute dtype, and the parameter dtype unless `param_dtype` is given (fp32 params with
-    bf16 compute: `dtype=jnp.bfloat16, param_dtype=jnp.float32`).
+    bf16 compute: `dtype=jnp.bfloat16, param_dtype=jnp.float32`). In float16 the VAE stays float32 unless its
+    config sets force_upcast false (`vae_kwargs`): float16 overflows in SD's VAEs.
     prediction_type: overrides the scheduler's ("epsilon" | "v_prediction" | "sample"); single files
     do not record it, so SD 2.x files default to v_prediction (the 768 px models) with a warning.
     """
@@ -133,7 +144,7 @@ def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
         unet = _submit(pool, UNet2DConditionModel, unet_cfg, df.read_weights(path / "unet", df.WEIGHT_NAMES["unet"]),
                        what=f"{path}/unet", **kwargs)
         vae = _submit(pool, AutoencoderKL, vae_cfg, df.read_weights(path / "vae", df.WEIGHT_NAMES["vae"]),
-                      what=f"{path}/vae", **kwargs)
+                      what=f"{path}/vae", **vae_kwargs(vae_cfg, kwargs))
         encoders, tokenizers = {}, {}
         for part in text_parts:
             encoders[part] = _submit(
@@ -183,7 +194,7 @@ def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> S
     encoders, tokenizers = {}, {}
     with ThreadPoolExecutor(threads()) as pool:
         unet = _submit(pool, UNet2DConditionModel, unet_cfg, unet_sd, what=f"{path} (UNet)", **kwargs)
-        vae = _submit(pool, AutoencoderKL, vae_cfg, vae_sd, what=f"{path} (VAE)", **kwargs)
+        vae = _submit(pool, AutoencoderKL, vae_cfg, vae_sd, what=f"{path} (VAE)", **vae_kwargs(vae_cfg, kwargs))
         for part, config, text_sd in zip(("text_encoder", "text_encoder_2"), configs[2:], text_sds):
             if config is None:
                 continue

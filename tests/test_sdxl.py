@@ -4,6 +4,8 @@ files loaded and written both ways; text2img, img2img, inpainting and the base -
 noise. (The UNet's added conditioning: tests/test_unet.py.)"""
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -284,3 +286,41 @@ def test_single_files_load_and_save_both_ways(folders, torch_pipes, tmp_path, wh
     assert detected.unet.config.addition_time_embed_dim == tiny_models.SDXL_TIME_DIM
     for a, b in zip(outputs_of_sdjax(detected), want):
         assert rel_err(a, b) <= 1e-4
+
+
+def test_float16_keeps_the_vae_in_float32_unless_it_is_made_for_float16(folders, tmp_path):
+    """SDXL's VAE overflows float16 (NaN images, diffusers' force_upcast): loaded with dtype=float16, the UNet and text
+    encoders are float16 and the VAE float32, and a decoder whose activations pass 65504 decodes as in float32; a VAE
+    whose config says force_upcast false (SDXL's fp16-fix VAE) is float16, and that decoder gives inf / NaN."""
+    import shutil
+
+    from flax import nnx
+
+    import sdjax
+    from sdjax.weights.safetensors_io import read_safetensors, write_safetensors
+
+    folder = tmp_path / "base"
+    shutil.copytree(folders["base"], folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = dict(read_safetensors(weights))
+    key = "decoder.up_blocks.0.resnets.0.conv1.weight"  # a GroupNorm follows: in float32 the scale washes out
+    tensors[key] = tensors[key] * np.float32(1e5)
+    write_safetensors(tensors, weights)
+    z = np.asarray(jax_normal((1, 8, 8, 4)))
+    decode = nnx.jit(lambda vae, z: vae.decode(z.astype(vae.decoder.conv_in.kernel.dtype)).astype(jnp.float32))
+    reference = np.asarray(decode(sdjax.load_pretrained(folder).vae, z))
+    half = sdjax.load_pretrained(folder, dtype=jnp.float16)
+    assert half.unet.conv_in.kernel.dtype == half.text_encoder_2.final_layer_norm.scale.dtype == jnp.float16
+    assert half.vae.decoder.conv_in.kernel.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(decode(half.vae, z)), reference)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps(dict(config, force_upcast=False)))
+    fp16 = sdjax.load_pretrained(folder, dtype=jnp.float16).vae
+    assert fp16.decoder.conv_in.kernel.dtype == jnp.float16 and np.isfinite(reference).all()
+    assert not np.isfinite(np.asarray(decode(fp16, z))).all()
+
+
+def jax_normal(shape):
+    import jax
+
+    return jax.random.normal(jax.random.key(0), shape)
