@@ -4,6 +4,8 @@
         --config.width=64 --config.batch_size=4                                          # CPU, seconds
     python benchmarks/sample.py --config configs/sample.py --config.variant=sd15 --config.dtype=bfloat16 \
         --config.batch_size=8 --config.steps=50                                          # SD 1.5, 512 px, a GPU
+    python benchmarks/sample.py --config configs/sample.py --config.variant=sdxl --config.dtype=bfloat16 \
+        --config.batch_size=4 --config.steps=30                                          # SDXL, 1024 px, a GPU
 
 Random weights of `--config.variant` (or `--config.checkpoint`). `load_s` is the time `sdjax.load_pretrained` takes
 to load the checkpoint, or, for a variant, a diffusers folder of its random weights written to a temporary directory
@@ -49,7 +51,7 @@ def _load(config):
     def timed(load):
         start = time.perf_counter()
         pipe = load()
-        jax.block_until_ready(nnx.state((pipe.text_encoder, pipe.unet, pipe.vae)))
+        jax.block_until_ready(nnx.state((pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae)))
         return pipe, time.perf_counter() - start
 
     if config.checkpoint:

@@ -422,7 +422,7 @@ def load_model(config):
 def _load_model(config):
     import jax.numpy as jnp
 
-    from sdjax import pipeline, pretrained, tokenizer, variants
+    from sdjax import pretrained, variants
 
     dtype = getattr(jnp, config.dtype)
     if config.checkpoint:
@@ -435,9 +435,7 @@ def _load_model(config):
         variant = variants.get(config.variant)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    text_encoder, unet, vae = variant.build(seed=config.seed, dtype=dtype, attention_impl=config.attention)
-    return pipeline.StableDiffusion(text_encoder, unet, vae, tokenizer.default_tokenizer(),
-                                    dict(variant.scheduler))
+    return variant.pipeline(seed=config.seed, dtype=dtype, attention_impl=config.attention)
 
 
 def _load_refiner(config, pipe):

@@ -4,8 +4,10 @@
     sd15_inpaint  SD 1.5 inpainting (9-channel UNet)
     sd21_base     SD 2.x 512 px base (OpenCLIP ViT-H text tower, epsilon)
     sd21          SD 2.x 768 px (v_prediction)
+    sdxl          SDXL base (CLIP ViT-L + OpenCLIP ViT-bigG, 1024 px, Euler)
+    sdxl_refiner  SDXL refiner (ViT-bigG alone, aesthetic-score conditioning)
     shapes        the offline demo's model: 64 px images, 16x16x4 latents (configs/shapes*.py)
-    tiny*         a few-hundred-thousand-parameter SD for tests and CPU demos
+    tiny*         a few-hundred-thousand-parameter SD (tiny_sdxl: SDXL) for tests and CPU demos
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from flax import nnx
 
 from sdjax import autoencoder, clip, initializers, unet
 
-MODULES = ("text_encoder", "unet", "vae")  # a variant's modules, in the order `build` creates them
+MODULES = ("text_encoder", "unet", "vae")  # a variant's modules, in the order `build` creates them (SDXL: then
+# text_encoder_2; its refiner has no text_encoder)
 
 _SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -43,42 +46,67 @@ SCHEDULERS = {
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    text_encoder: clip.CLIPTextConfig
+    text_encoder: clip.CLIPTextConfig | None
     unet: unet.UNetConfig
     vae: autoencoder.AutoencoderKLConfig
     scheduler: dict
+    text_encoder_2: clip.CLIPTextConfig | None = None  # SDXL's OpenCLIP ViT-bigG
+    options: tuple = ()  # SDXL's pipeline settings (StableDiffusion.options) as (key, value) pairs
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules this variant has, in the order `build` creates them."""
+        names = MODULES + (("text_encoder_2",) if self.text_encoder_2 is not None else ())
+        return tuple(n for n in names if n != "text_encoder" or self.text_encoder is not None)
 
     def build(self, *, seed: int = 0, **kwargs):
-        """Randomly initialised (text_encoder, unet, vae); kwargs: dtype, param_dtype, attention_impl. The values
-        are the plan's, what train.py starts from: one small program, bit for bit a jitted `nnx.Rngs(seed)`
-        construction (an eager one, 15x slower for the tiny variant, can differ in the last bit)."""
+        """Randomly initialised (text_encoder, unet, vae), SDXL's with text_encoder_2 after them (its refiner's
+        without the text_encoder); kwargs: dtype, param_dtype, attention_impl. The values are the plan's, what
+        train.py starts from: one small program, bit for bit a jitted `nnx.Rngs(seed)` construction (an eager one,
+        15x slower for the tiny variant, can differ in the last bit)."""
         abstract, init_plan = self.plan(**kwargs)
         split = {name: nnx.split(module) for name, module in abstract.items()}
         values = init_plan.values({name: nnx.to_pure_dict(state) for name, (_, state) in split.items()}, seed=seed)
-        return tuple(nnx.merge(split[name][0], jax.tree.map(jnp.asarray, values[name])) for name in MODULES)
+        return tuple(nnx.merge(split[name][0], jax.tree.map(jnp.asarray, values[name])) for name in self.modules)
+
+    def pipeline(self, *, seed: int = 0, **kwargs):
+        """`build` as a `StableDiffusion` with the built-in tokenizers (random weights: demos, benchmarks)."""
+        from sdjax import pipeline, tokenizer
+
+        built = dict(zip(self.modules, self.build(seed=seed, **kwargs)))
+        tokenizers = {name: tokenizer.default_tokenizer(pad_token_id=0 if config.family == "sd2" else 49407)
+                      for name, config in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
+                      if config is not None}
+        return pipeline.StableDiffusion(built.get("text_encoder"), built["unet"], built["vae"],
+                                        tokenizers.get("text_encoder"), dict(self.scheduler),
+                                        text_encoder_2=built.get("text_encoder_2"),
+                                        tokenizer_2=tokenizers.get("text_encoder_2"), options=dict(self.options))
 
     def plan(self, names: tuple[str, ...] = None, **kwargs):
-        """({name: module with jax.ShapeDtypeStruct parameters} for `names` (default: all three), the
+        """({name: module with jax.ShapeDtypeStruct parameters} for `names` (default: all the variant has), the
         `initializers.Plan` of their values): nothing is computed; `plan.values(states, seed)` gives what
         `build(seed=seed)` initialises, from one small program (see sdjax.initializers)."""
-        names = MODULES if names is None else tuple(names)
+        names = self.modules if names is None else tuple(names)
         return initializers.plan(lambda rngs: self._construct(rngs, names, **kwargs))
 
     def _construct(self, rngs, names, **kwargs):
-        """The modules of `names`, built in MODULES order from one `rngs` (so each draws the keys it does in
+        """The modules of `names`, built in `modules` order from one `rngs` (so each draws the keys it does in
         `build`), up to the last of `names`: what comes after draws later and changes nothing before."""
         constructors = {"text_encoder": lambda: clip.CLIPTextEncoder(self.text_encoder, rngs=rngs, **kwargs),
                         "unet": lambda: unet.UNet2DConditionModel(self.unet, rngs=rngs, **kwargs),
-                        "vae": lambda: autoencoder.AutoencoderKL(self.vae, rngs=rngs, **kwargs)}
-        unknown = set(names) - set(MODULES)
+                        "vae": lambda: autoencoder.AutoencoderKL(self.vae, rngs=rngs, **kwargs),
+                        "text_encoder_2": lambda: clip.CLIPTextEncoder(self.text_encoder_2, rngs=rngs, **kwargs)}
+        unknown = set(names) - set(self.modules)
         if unknown:
-            raise ValueError(f"unknown modules {sorted(unknown)}; a variant has {MODULES}")
+            raise ValueError(f"unknown modules {sorted(unknown)}; this variant has {self.modules}")
         if not names:
             return {}
-        last = max(MODULES.index(name) for name in names)
-        built = {name: constructors[name]() for name in MODULES[:last + 1]}
+        last = max(self.modules.index(name) for name in names)
+        built = {name: constructors[name]() for name in self.modules[:last + 1]}
         return {name: built[name] for name in names}
 
+
+_SDXL_VAE = dataclasses.replace(autoencoder.VARIANTS["sd"], scaling_factor=0.13025, sample_size=1024)
 
 VARIANTS = {
     "sd15": Variant(clip.VARIANTS["sd15"], unet.VARIANTS["sd15"], autoencoder.VARIANTS["sd"], SCHEDULERS["sd1"]),
@@ -92,6 +120,18 @@ VARIANTS = {
     # find a bright shape in, so the model learns to read position from the noise instead of the prompt.
     "shapes": Variant(clip.VARIANTS["shapes"], unet.VARIANTS["shapes"], autoencoder.VARIANTS["shapes"],
                       dict(SCHEDULERS["sd2"], rescale_betas_zero_snr=True, timestep_spacing="trailing")),
+    "sdxl": Variant(clip.VARIANTS["sd15"], unet.VARIANTS["sdxl"], _SDXL_VAE, SCHEDULERS["sdxl"],
+                    clip.VARIANTS["sdxl_g"], (("force_zeros_for_empty_prompt", True),
+                                              ("requires_aesthetics_score", False))),
+    "sdxl_refiner": Variant(None, unet.VARIANTS["sdxl_refiner"], _SDXL_VAE, SCHEDULERS["sdxl"],
+                            clip.VARIANTS["sdxl_g"], (("force_zeros_for_empty_prompt", False),
+                                                      ("requires_aesthetics_score", True))),
+    # tiny's 32-wide ViT-L stand-in + tiny_sdxl_g's 64 (projection 48): 96-wide context, 48 + 6 x 8 added features
+    "tiny_sdxl": Variant(clip.VARIANTS["tiny"], dataclasses.replace(unet.VARIANTS["tiny_sdxl"], cross_attention_dim=96,
+                                                                    projection_class_embeddings_input_dim=48 + 6 * 8),
+                         dataclasses.replace(autoencoder.VARIANTS["tiny"], scaling_factor=0.13025), SCHEDULERS["sdxl"],
+                         clip.VARIANTS["tiny_sdxl_g"], (("force_zeros_for_empty_prompt", True),
+                                                        ("requires_aesthetics_score", False))),
 }
 
 

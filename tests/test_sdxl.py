@@ -324,3 +324,27 @@ def jax_normal(shape):
     import jax
 
     return jax.random.normal(jax.random.key(0), shape)
+
+
+def test_variants_build_sdxl_pipelines():
+    """sdjax.variants' SDXL pipelines (sample.py's and the benchmarks' --config.variant): sdxl and sdxl_refiner plan
+    the released models' parameter counts (ViT-L 123,060,480, bigG with its projection 694,659,840, the UNets
+    2,567,463,684 and 2,259,526,660, the VAE 83,653,863) without computing anything; tiny_sdxl samples."""
+    import math
+
+    import jax
+    from flax import nnx
+
+    from sdjax import variants
+
+    def counts(name):
+        modules, _ = variants.get(name).plan()
+        return {n: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param))) for n, m in modules.items()}
+
+    assert counts("sdxl") == {"text_encoder": 123_060_480, "unet": 2_567_463_684, "vae": 83_653_863,
+                              "text_encoder_2": 694_659_840}
+    assert counts("sdxl_refiner") == {"unet": 2_259_526_660, "vae": 83_653_863, "text_encoder_2": 694_659_840}
+    pipe = variants.get("tiny_sdxl").pipeline(seed=0)
+    assert pipe.family == "sdxl" and pipe.options["force_zeros_for_empty_prompt"]
+    images = pipe.text2img(["a red circle"], num_inference_steps=2, height=SIZE, width=SIZE)
+    assert images.shape == (1, SIZE, SIZE, 3)
