@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import layers
-from sdjax.weights import lora_files
+from sdjax.weights import ldm_layout, lora_files
 from sdjax.weights.safetensors_io import data_offset, read_metadata, write_safetensors
 from sdjax.weights.torch_names import kernel_from_torch, kernel_to_torch
 
@@ -55,13 +55,16 @@ FORMATS = ("diffusers", "kohya")
 # ---------------------------------------------------------------------------------------------- the model's layers
 
 def components(target) -> dict[str, nnx.Module]:
-    """{"unet": ..., "text_encoder": ...} of a StableDiffusion, or of a mapping holding some of those keys."""
+    """{"unet": ..., "text_encoder": ...} of a StableDiffusion (SDXL's with "text_encoder_2"; its refiner without
+    "text_encoder"), or of a mapping holding some of those keys."""
     if isinstance(target, Mapping):
         unknown = sorted(set(target) - set(lora_files.COMPONENTS))
         if unknown:
             raise ValueError(f"LoRA adapters live on {' and '.join(lora_files.COMPONENTS)}, not {unknown}")
         return {k: target[k] for k in lora_files.COMPONENTS if target.get(k) is not None}
-    return {"unet": target.unet, "text_encoder": target.text_encoder}
+    parts = {"unet": target.unet, "text_encoder": target.text_encoder,
+             "text_encoder_2": getattr(target, "text_encoder_2", None)}
+    return {k: v for k, v in parts.items() if v is not None}
 
 
 def adaptable_layers(module: nnx.Module) -> dict[str, layers.Linear | layers.Conv]:
@@ -152,13 +155,17 @@ def load_lora(target, path: str | os.PathLike, *, scale: float = 1.0, name: str 
     _unfused_only(target, "load a LoRA")
     if name in adapters(target):
         raise ValueError(f"a LoRA named {name!r} is loaded already: unload_lora({name!r}) first, or pass another name=")
-    found = {component: adaptable_layers(module) for component, module in components(target).items()}
+    parts = components(target)
+    found = {component: adaptable_layers(module) for component, module in parts.items()}
     state_dict, metadata = read_lora(file)
-    parsed = lora_files.parse(state_dict, metadata, found, what=str(file))
+    aliases = None  # kohya's SDXL files name UNet layers as the original model does
+    if hasattr(parts.get("unet"), "config") and lora_files.is_kohya(state_dict):
+        aliases = ldm_layout.unet_module_paths(parts["unet"].config)
+    parsed = lora_files.parse(state_dict, metadata, found, what=str(file), unet_aliases=aliases)
     for (component, path_), a in parsed.items():
         layer = found[component][path_]
         dtype = layer.kernel.get_value().dtype
-        s = text_encoder_scale if component == "text_encoder" and text_encoder_scale is not None else scale
+        s = text_encoder_scale if component != "unet" and text_encoder_scale is not None else scale
         layer.add_lora(name, layers.LoRA(jnp.asarray(kernel_from_torch(a.down), dtype),
                                          jnp.asarray(kernel_from_torch(a.up), dtype), alpha=a.alpha, scale=s))
     return name
@@ -203,9 +210,17 @@ def save_lora(target, path: str | os.PathLike, *, format: str = "diffusers", nam
     else:
         parts = components(target)  # SD 2.x (ss_v2, A1111's version tag): 1024-wide text, read off either model
         text_encoder, unet = parts.get("text_encoder"), parts.get("unet")
-        v2 = (text_encoder.config.family == "sd2" if text_encoder is not None
-              else getattr(getattr(unet, "config", None), "cross_attention_dim", None) == 1024)
-        tensors, metadata = lora_files.to_kohya(out, v2=v2)
+        unet_config = getattr(unet, "config", None)
+        sdxl = "text_encoder_2" in parts or getattr(unet_config, "addition_embed_type", None) == "text_time"
+        v2 = not sdxl and (text_encoder.config.family == "sd2" if text_encoder is not None
+                           else getattr(unet_config, "cross_attention_dim", None) == 1024)
+        names = None
+        if sdxl:  # kohya's sd-scripts names SDXL's UNet layers as the original model does
+            if unet_config is None:
+                raise ValueError("an SDXL LoRA in kohya's layout names UNet layers by the UNet's layout: pass the "
+                                 "pipeline (or a mapping with its unet)")
+            names = {v: k for k, v in ldm_layout.unet_module_paths(unet_config).items()}
+        tensors, metadata = lora_files.to_kohya(out, v2=v2, sdxl_unet_names=names)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, path, metadata)
     return path
@@ -253,7 +268,7 @@ def set_lora_scale(target, name: str, scale: float, text_encoder_scale: float | 
     hit = False
     for component, _, layer in _adapted(target):
         if name in layer.lora:
-            s = text_encoder_scale if component == "text_encoder" and text_encoder_scale is not None else scale
+            s = text_encoder_scale if component != "unet" and text_encoder_scale is not None else scale
             layer.lora[name].scale.set_value(jnp.asarray(s, jnp.float32))
             hit = True
     if not hit:

@@ -348,3 +348,65 @@ def test_variants_build_sdxl_pipelines():
     assert pipe.family == "sdxl" and pipe.options["force_zeros_for_empty_prompt"]
     images = pipe.text2img(["a red circle"], num_inference_steps=2, height=SIZE, width=SIZE)
     assert images.shape == (1, SIZE, SIZE, 3)
+
+
+def test_lora_on_both_text_encoders_and_the_unet_matches_diffusers(folders, tmp_path):
+    """An SDXL LoRA (PEFT adapters on the UNet's attention and both text encoders, saved by diffusers'
+    StableDiffusionXLPipeline.save_lora_weights) gives diffusers' context, pooled embedding and UNet output in sdjax
+    (1e-4, unfused at scale 0.7); exported in kohya's SDXL layout (lora_unet_ + the original model's names,
+    lora_te1_ / lora_te2_), diffusers' load_lora_weights reads it to the same outputs, and sdjax reads it back."""
+    import diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    import sdjax
+    from sdjax import lora
+    from tests.test_lora import randomize_
+
+    def reference():
+        return diffusers.StableDiffusionXLPipeline.from_pretrained(str(folders["base"]))
+
+    dpipe = reference()
+    configs = {"unet": LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+               # out_proj in both: diffusers 0.42 reads a kohya text-encoder adapter only if it has one
+               "text_encoder": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "out_proj"]),
+               "text_encoder_2": LoraConfig(r=2, lora_alpha=2, target_modules=["k_proj", "out_proj"])}
+    dpipe.unet.add_adapter(configs["unet"])
+    for seed, part in enumerate(configs):
+        if part != "unet":
+            inject_adapter_in_model(configs[part], getattr(dpipe, part))
+        randomize_(getattr(dpipe, part), seed + 1)
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path / "peft"), **{f"{part}_lora_layers": get_peft_model_state_dict(getattr(dpipe, part))
+                                   for part in configs},
+        **{f"{part}_lora_adapter_metadata": config.to_dict() for part, config in configs.items()})
+    reloaded = reference()
+    reloaded.load_lora_weights(str(tmp_path / "peft"), adapter_name="peft")
+    reloaded.set_adapters(["peft"], [0.7])
+    pipe = sdjax.load_pretrained(folders["base"])
+    pipe.load_lora(tmp_path / "peft", scale=0.7)
+    # 8 transformer blocks (2 down, 4 up, 2 mid) x 2 attentions x 4 projections; 3 layers x 2 per encoder
+    assert lora.adapters(pipe) == {"peft": {"unet": 64, "text_encoder": 6, "text_encoder_2": 6}}
+    want, ours = outputs_of_diffusers(reloaded, pipe.unet.config), outputs_of_sdjax(pipe)
+    plain = outputs_of_diffusers(reference(), pipe.unet.config)
+    for a, b, c in zip(ours, want, plain):
+        assert rel_err(a, b) <= 1e-4 and rel_err(b, c) > 1e-2  # the adapter moves every output
+
+    path = sdjax.save_lora(pipe, tmp_path / "kohya.safetensors", format="kohya")
+    from sdjax.weights.safetensors_io import read_safetensors
+
+    names = {k.split(".")[0] for k in read_safetensors(path)}
+    assert {"lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q",  # the tiny UNet's second level
+            "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0",
+            "lora_unet_output_blocks_1_1_transformer_blocks_1_attn2_to_v"} <= names
+    assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj" in names and \
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names
+    kohya = reference()
+    kohya.load_lora_weights(str(path), adapter_name="kohya")
+    kohya.set_adapters(["kohya"], [0.7])
+    for a, b in zip(outputs_of_diffusers(kohya, pipe.unet.config), want):
+        assert rel_err(a, b) <= 1e-4
+    again = sdjax.load_pretrained(folders["base"])
+    again.load_lora(path, scale=0.7)
+    for a, b in zip(outputs_of_sdjax(again), ours):
+        assert rel_err(a, b) <= 1e-6

@@ -119,6 +119,23 @@ def unet_layout(info) -> list[Entry]:
     return out
 
 
+def unet_module_paths(config) -> dict[str, str]:
+    """{original (ldm / sgm) module path: diffusers module path} of every UNet layer with weights, for a UNet config
+    (sdjax's UNetConfig or a SingleFileInfo): the names kohya's SDXL LoRA files use."""
+    from types import SimpleNamespace
+
+    added = getattr(config, "addition_embed_dim", None)
+    if added is None:
+        added = config.projection_class_embeddings_input_dim if config.addition_embed_type == "text_time" else 0
+    info = SimpleNamespace(block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
+                           transformer_layers_per_block=config.transformer_layers_per_block,
+                           down_block_types=config.down_block_types, addition_embed_dim=added)
+    out = {}
+    for e in unet_layout(info):
+        out[e.ldm[len(UNET):].rsplit(".", 1)[0]] = e.diffusers[0].rsplit(".", 1)[0]
+    return out
+
+
 def _vae_resnet(ldm, diffusers, c_in, c_out):
     out = [e for a, b in _VAE_RESNET for e in _pair("vae", f"{VAE}{ldm}.{a}", f"{diffusers}.{b}")]
     if c_in != c_out:

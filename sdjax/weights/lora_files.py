@@ -13,6 +13,9 @@ adapter adds (alpha / rank) * up(down(x)) to the layer's output (rank: down's fi
     kohya      lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.  <layer>.alpha
                weight, .lora_up.weight, .alpha; lora_te_text_model_encoder_layers_0_self_attn_
                q_proj...; convolutions (LoCon): lora_unet_down_blocks_0_resnets_0_conv1...
+      SDXL     text_encoder_2. (diffusers); lora_te1_ / lora_te2_ for the two text encoders and the UNet
+               under the original model's names, lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q
+               (kohya's sd-scripts; the diffusers names are read too)
 
 A kohya name is a module path with each dot an underscore: it is read by matching it against the model's own
 paths (`down_blocks_0_attentions_0_proj_in` is `down_blocks.0.attentions.0.proj_in`), never by guessing where the
@@ -32,11 +35,11 @@ import re
 import numpy as np
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers: the JSON of each component's PEFT LoraConfig, keys "unet.r", ...
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _TEXT_MODEL = "text_model."  # the CLIPTextModel level that transformers < 5 (and most files) put in every name
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                   "lora_te2_": "text_encoder_2"}
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-_SDXL = ("text_encoder_2.", "lora_te1_", "lora_te2_")
 # Markers of adapter types that are not LoRA (LyCORIS and others), for the error that refuses them.
 _OTHER_TYPES = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
                 "lora_mid": "LoCon with a CP-decomposed middle (lora_mid)", "oft_": "OFT", "ia3": "IA3",
@@ -68,25 +71,25 @@ class FileAdapter:
 
 
 def is_kohya(keys) -> bool:
-    return any(k.startswith(tuple(_KOHYA_PREFIXES) + _SDXL[1:]) for k in keys)
+    return any(k.startswith(tuple(_KOHYA_PREFIXES)) for k in keys)
 
 
-def parse(state_dict: dict, metadata: dict, layers: dict[str, dict], *,
-          what: str) -> dict[tuple[str, str], FileAdapter]:
+def parse(state_dict: dict, metadata: dict, layers: dict[str, dict], *, what: str,
+          unet_aliases: dict[str, str] | None = None) -> dict[tuple[str, str], FileAdapter]:
     """{(component, layer path): FileAdapter} of a LoRA file, every key placed on one of `layers`
-    ({component: {dotted path: layer}}, layers with `lora_shapes(rank)`), shapes checked against them."""
+    ({component: {dotted path: layer}}, layers with `lora_shapes(rank)`), shapes checked against them.
+    unet_aliases: {the original model's module path: the UNet's} (`ldm_layout.unet_module_paths`), the names kohya's
+    SDXL files use."""
     if not state_dict:
         raise ValueError(f"{what}: the file holds no tensors")
-    sdxl = next((k for k in state_dict if k.startswith(_SDXL)), None)
-    if sdxl:
-        raise ValueError(f"{what}: {sdxl} belongs to SDXL's second text encoder; sdjax loads SD 1.x / 2.x LoRAs")
     for key in state_dict:
         kind = next((name for marker, name in _OTHER_TYPES.items() if marker in key), None)
         if kind:
             raise ValueError(f"{what}: {key} is {kind}, not a plain LoRA; sdjax loads LoRA and LoCon "
                              "(down / up / alpha) adapters")
     kohya = is_kohya(state_dict)
-    parts = _kohya_parts(state_dict, layers, what) if kohya else _diffusers_parts(state_dict, layers, what)
+    parts = (_kohya_parts(state_dict, layers, what, unet_aliases or {}) if kohya
+             else _diffusers_parts(state_dict, layers, what))
     configs = {} if kohya else _peft_configs(metadata, what)
     out = {}
     for (component, path), found in sorted(parts.items()):
@@ -107,14 +110,19 @@ def parse(state_dict: dict, metadata: dict, layers: dict[str, dict], *,
     return out
 
 
-def _kohya_parts(state_dict, layers, what) -> dict:
+def _kohya_parts(state_dict, layers, what, unet_aliases) -> dict:
     names = {}  # kohya name -> (component, path)
     for prefix, component in _KOHYA_PREFIXES.items():
+        if prefix == "lora_te_" and "text_encoder_2" in layers:
+            continue  # SDXL: lora_te1_ and lora_te2_
         for path in layers.get(component, {}):
             under = path.replace(".", "_")
             names[prefix + under] = component, path
-            if component == "text_encoder":
+            if component.startswith("text_encoder"):
                 names[prefix + "text_model_" + under] = component, path
+    for alias, path in unet_aliases.items():
+        if path in layers.get("unet", {}):
+            names["lora_unet_" + alias.replace(".", "_")] = "unet", path
     parts = collections.defaultdict(dict)
     for key, value in state_dict.items():
         name, _, part = key.partition(".")
@@ -136,8 +144,8 @@ def _diffusers_parts(state_dict, layers, what) -> dict:
         component, rest = key.split(".", 1) if "." in key else ("", key)
         if component not in COMPONENTS:
             if prefixed:  # the file names its components: this key belongs to none sdjax has
-                raise ValueError(f"{what}: {key} is not under unet. or text_encoder., the components a Stable "
-                                 "Diffusion 1.x / 2.x LoRA adapts")
+                raise ValueError(f"{what}: {key} is not under unet., text_encoder. or text_encoder_2., the "
+                                 "components a Stable Diffusion LoRA adapts")
             component, rest = "unet", key  # the oldest files: UNet attention processors without a prefix
         for pattern, part in _DIFFUSERS_KEYS:
             m = pattern.fullmatch(rest)
@@ -151,7 +159,7 @@ def _diffusers_parts(state_dict, layers, what) -> dict:
             path, part = f"{m[1]}.{_PROCESSOR[component][m[2]]}", m[3]
         elif part is None:
             part = m[2]
-        if component == "text_encoder":
+        if component.startswith("text_encoder"):
             path = path.removeprefix(_TEXT_MODEL)
         if path not in layers.get(component, {}):
             close = difflib.get_close_matches(path, list(layers.get(component, {})), n=1, cutoff=0.0)
@@ -210,7 +218,7 @@ def _peft_alpha(config: dict, component: str, path: str, rank: int) -> float:
     use_rslora scales by alpha / sqrt(rank): returned as the alpha that gives that scale over the rank."""
     if not config:
         return float(rank)
-    names = [path] + ([_TEXT_MODEL + path] if component == "text_encoder" else [])
+    names = [path] + ([_TEXT_MODEL + path] if component.startswith("text_encoder") else [])
     alpha = config.get("lora_alpha", 8)
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
@@ -223,7 +231,7 @@ def to_diffusers(adapters: dict[tuple[str, str], FileAdapter]) -> tuple[dict[str
     """(state dict, metadata) of a diffusers `pytorch_lora_weights.safetensors` for `adapters`."""
     tensors, configs = {}, {}
     for (component, path), a in adapters.items():
-        name = f"{component}.{_TEXT_MODEL if component == 'text_encoder' else ''}{path}"
+        name = f"{component}.{_TEXT_MODEL if component.startswith('text_encoder') else ''}{path}"
         tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a.down, a.up
     for component in COMPONENTS:
         mine = {path: a for (c, path), a in adapters.items() if c == component}
@@ -239,17 +247,24 @@ def to_diffusers(adapters: dict[tuple[str, str], FileAdapter]) -> tuple[dict[str
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True)}
 
 
-def to_kohya(adapters: dict[tuple[str, str], FileAdapter], *, v2: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(state dict, metadata) of a kohya / A1111 LoRA file for `adapters` (`v2`: an SD 2.x model, kohya's ss_v2)."""
-    prefixes = {component: prefix for prefix, component in _KOHYA_PREFIXES.items()}
+def to_kohya(adapters: dict[tuple[str, str], FileAdapter], *, v2: bool,
+             sdxl_unet_names: dict[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(state dict, metadata) of a kohya / A1111 LoRA file for `adapters` (`v2`: an SD 2.x model, kohya's ss_v2).
+    sdxl_unet_names: {UNet path: the original model's} of an SDXL model, written as kohya's sd-scripts writes SDXL
+    (lora_unet_ + the original names, lora_te1_ / lora_te2_)."""
+    sdxl = sdxl_unet_names is not None
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
     tensors = {}
     for (component, path), a in adapters.items():
-        name = prefixes[component] + ("text_model_" if component == "text_encoder" else "") + path.replace(".", "_")
+        if sdxl and component == "unet":
+            path = sdxl_unet_names[path]
+        name = prefixes[component] + ("text_model_" if component != "unet" else "") + path.replace(".", "_")
         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = a.down, a.up
         tensors[f"{name}.alpha"] = np.asarray(a.alpha, np.float32)
     ranks = collections.Counter(a.rank for a in adapters.values()).most_common(1)
     alphas = collections.Counter(a.alpha for a in adapters.values()).most_common(1)
     metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_v2": str(v2),
+                **({"ss_base_model_version": "sdxl_base_v1-0"} if sdxl else {}),
                 "ss_network_dim": str(ranks[0][0]) if ranks else "0",
                 "ss_network_alpha": str(_number(alphas[0][0])) if alphas else "0"}
     return tensors, metadata
