@@ -216,7 +216,8 @@ def main(config, *, sample_fn=None) -> dict:
     # (sdjax.initializers); LoRA adapters added (lora.rank > 0); all placed sharded. What trains (whole modules,
     # or only the adapters) is the train state's; the rest is the step's frozen argument.
     models = training.build_models(config)
-    trainable = training.trainable_modules(config)
+    trainable = training.trainable_modules(config, tuple(models.graphdefs))
+    sdxl = "text_encoder_2" in models.graphdefs
     min_size = config.mesh.fsdp_min_size
     states = {**models.loaded, **(models.init_fn() if models.init_fn is not None else {})}
     if config.lora.rank:
@@ -285,7 +286,8 @@ def main(config, *, sample_fn=None) -> dict:
         sample_fn = training.pipeline_sample_fn(models.tokenizer, models.scheduler_config, mesh=mesh,
                                                 num_inference_steps=config.preview.num_inference_steps,
                                                 guidance_scale=config.preview.guidance_scale,
-                                                resolution=config.data.resolution)
+                                                resolution=config.data.resolution, tokenizer_2=models.tokenizer_2,
+                                                options=models.options)
 
     # The loop: step s (micro-step m = s * accum + k) reads global batch m of the data order.
     total = config.num_steps * accum
@@ -295,6 +297,9 @@ def main(config, *, sample_fn=None) -> dict:
     if config.data.cache_latents:  # encode every image (and caption) once, with the frozen encoders
         if config.stage != "diffusion":
             raise ValueError("data.cache_latents is for stage='diffusion' (the autoencoder trains on pixels)")
+        if sdxl:
+            raise ValueError("data.cache_latents does not hold SDXL's two text encodings and size ids yet: set "
+                             "data.cache_latents=False for an SDXL model")
         latent_cache.check_config(config.data)
         encode = jax.jit(latent_cache.make_encode_fn(models.graphdefs, with_context=not config.train_text_encoder,
                                                      clip_skip=config.model.clip_skip),
@@ -310,15 +315,21 @@ def main(config, *, sample_fn=None) -> dict:
         batches = preprocess.iterate_batches(dataset, config.batch_size // nproc, preprocess=prep,
                                              num_threads=config.data.num_threads, **shard)
 
-    caption_tokens = prompts.CaptionTokenizer(models.tokenizer, chunks=config.data.caption_chunks,
-                                              weighted=config.data.weighted_captions)
+    caption_tokens = [prompts.CaptionTokenizer(t, chunks=config.data.caption_chunks,
+                                               weighted=config.data.weighted_captions)
+                      for t in (models.tokenizer, models.tokenizer_2) if t is not None]
 
     def device_batch(host: dict) -> dict:
         if cache is not None:  # already the model's inputs
             return sharding.host_batch_to_global(mesh, host)
         batch = {"images": host["images"]}
-        if config.stage == "diffusion":
-            batch.update(caption_tokens(host["captions"]))  # "input_ids" (and "token_weights")
+        if config.stage == "diffusion" and not sdxl:
+            batch.update(caption_tokens[0](host["captions"]))  # "input_ids" (and "token_weights")
+        elif config.stage == "diffusion":  # (B, tokenizers, chunks, 77), and each image's size ids
+            parts = [tokens(host["captions"]) for tokens in caption_tokens]
+            batch.update({k: np.stack([p[k].reshape(len(p[k]), -1, p[k].shape[-1]) for p in parts], axis=1)
+                          for k in parts[0]})
+            batch["time_ids"] = training.sdxl_time_ids(host, config.data.resolution)
         return sharding.host_batch_to_global(mesh, batch)
 
     watcher = checkpoint.PreemptionWatcher()  # from here SIGTERM (during compilation too) saves the next step
@@ -394,7 +405,7 @@ def main(config, *, sample_fn=None) -> dict:
     if not preempted and config.export.formats:
         modules = host_modules()
         if config.lora.rank:  # the whole model, with the adapters merged into its weights
-            lora.fuse_lora({k: modules[k] for k in ("unet", "text_encoder")})
+            lora.fuse_lora({k: modules[k] for k in ("unet", "text_encoder", "text_encoder_2") if k in modules})
         if config.stage == "autoencoder" and config.autoencoder.set_scaling_factor:
             images = next(batches)["images"]  # this host's next batch
             factor = training.latent_scaling_factor(modules["vae"], images)
@@ -404,7 +415,8 @@ def main(config, *, sample_fn=None) -> dict:
             out = Path(config.export.path or workdir / "export")
             written = checkpoint.export_model(modules, tokenizer=models.tokenizer,
                                               scheduler_config=models.scheduler_config, path=out,
-                                              formats=tuple(config.export.formats), dtype=config.export.dtype)
+                                              formats=tuple(config.export.formats), dtype=config.export.dtype,
+                                              tokenizer_2=models.tokenizer_2, options=models.options)
             log.info("exported %s", ", ".join(map(str, written)))
     last = reporter.last or {}
     return {"step": (micro + 1) // accum if total > start else start // accum,

@@ -247,7 +247,7 @@ def export_dtype(name: str):
 
 
 def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str | os.PathLike,
-                 formats: tuple[str, ...], dtype: str = "") -> list[Path]:
+                 formats: tuple[str, ...], dtype: str = "", tokenizer_2=None, options: dict | None = None) -> list[Path]:
     """Write the trained modules: "diffusers" -> path/ (a diffusers folder), "single_file" ->
     path/model.safetensors (CompVis layout, A1111), "vae" -> path/vae/ (autoencoder stage).
 
@@ -264,11 +264,14 @@ def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str 
         if fmt == "vae":
             written.append(save_vae(modules["vae"], path / "vae", dtype=np_dtype))
             continue
-        missing = [m for m in ("text_encoder", "unet", "vae") if m not in modules]
+        missing = [m for m in ("unet", "vae") if m not in modules]
+        missing += [] if "text_encoder" in modules or "text_encoder_2" in modules else ["text_encoder"]
         if missing:
             raise ValueError(f"export {fmt!r} needs a whole pipeline; this run has no {missing} (an autoencoder "
                              f"run exports with export.formats=('vae',))")
-        pipe = StableDiffusion(modules["text_encoder"], modules["unet"], modules["vae"], tokenizer, scheduler_config)
+        pipe = StableDiffusion(modules.get("text_encoder"), modules["unet"], modules["vae"], tokenizer,
+                               scheduler_config, text_encoder_2=modules.get("text_encoder_2"),
+                               tokenizer_2=tokenizer_2, options=dict(options or {}))
         if fmt == "diffusers":
             written.append(pretrained.save_pretrained(pipe, path, dtype=np_dtype))
         else:

@@ -35,12 +35,14 @@ ADAPTER = "default"  # the adapters' name in the modules (PEFT's); lora.name nam
 _INIT_STREAM, _DROPOUT_STREAM = 0x4C6F5241, 0x44726F70  # fold_in constants: "LoRA", "Drop"
 
 
-def targets(cfg) -> dict[str, tuple[str, ...]]:
-    """{module: layer names} to adapt: lora.targets on the UNet, and lora.text_encoder_targets on the text encoder
-    when it trains (train_text_encoder). A name is a path suffix ("to_q", "attn2.to_q"); "a,b" is two names."""
+def targets(cfg, modules=("unet", "text_encoder")) -> dict[str, tuple[str, ...]]:
+    """{module: layer names} to adapt: lora.targets on the UNet, and lora.text_encoder_targets on the text encoders
+    of `modules` (SDXL: both) when they train (train_text_encoder). A name is a path suffix ("to_q", "attn2.to_q");
+    "a,b" is two names."""
     out = {"unet": _names(cfg.lora.targets)}
     if cfg.train_text_encoder:
-        out["text_encoder"] = _names(cfg.lora.text_encoder_targets)
+        out.update({m: _names(cfg.lora.text_encoder_targets) for m in ("text_encoder", "text_encoder_2")
+                    if m in modules})
     return out
 
 
@@ -104,7 +106,7 @@ def add_adapters(graphdefs: dict, states: dict, cfg, *, pretrained=None) -> tupl
     c = cfg.lora
     graphdefs, states = dict(graphdefs), dict(states)
     key = jax.random.fold_in(jax.random.key(cfg.seed), _INIT_STREAM)
-    for i, (name, layer_names) in enumerate(targets(cfg).items()):
+    for i, (name, layer_names) in enumerate(targets(cfg, tuple(states)).items()):
         if pretrained is not None and name not in pretrained:
             log.warning("LoRA on a randomly initialised %s: its weights never train (set model.init_from to a "
                         "pretrained model)", name)
@@ -137,11 +139,11 @@ def with_dropout(loss_fn: Callable) -> Callable:
 
 
 def export(modules: dict, folder: str | os.PathLike, *, name: str, dtype: str = "") -> list[Path]:
-    """The adapters of modules["unet"] (and ["text_encoder"]) as folder/pytorch_lora_weights.safetensors (diffusers)
+    """The adapters of modules["unet"] (and the text encoders') as folder/pytorch_lora_weights.safetensors (diffusers)
     and folder/<name>.safetensors (kohya), in export.dtype `dtype`; each file replaced whole (a kill mid-write leaves
     the previous one)."""
     folder = Path(folder)
-    target = {k: modules[k] for k in ("unet", "text_encoder") if k in modules}
+    target = {k: modules[k] for k in lora.lora_files.COMPONENTS if k in modules}
     written = []
     for fmt, file in (("diffusers", lora.DIFFUSERS_NAMES[0]), ("kohya", f"{name}.safetensors")):
         tmp = lora.save_lora(target, folder / ".writing" / file, format=fmt, name=ADAPTER, dtype=export_dtype(dtype))

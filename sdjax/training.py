@@ -154,10 +154,11 @@ def min_snr_weights(alphas_cumprod, t, prediction_type: str, gamma: float):
 
 def diffusion_loss(unet: Callable, latents, context, rng, alphas_cumprod, *, prediction_type: str = "epsilon",
                    min_snr_gamma: float = 0.0, offset_noise: float = 0.0, t_min: int = 0, t_max: int | None = None,
-                   timestep_logits=None):
+                   timestep_logits=None, added_cond_kwargs=None):
     """The denoising loss of one batch: (scalar loss, {"t": timesteps, "mse": per-example MSE}).
 
     Timesteps are uniform in [t_min, t_max), or drawn from `timestep_logits` (over that range) when given.
+    added_cond_kwargs: SDXL's pooled text embedding and size ids, passed to the UNet.
     """
     latents = latents.astype(jnp.float32)
     t_max = len(alphas_cumprod) if t_max is None else t_max
@@ -166,7 +167,8 @@ def diffusion_loss(unet: Callable, latents, context, rng, alphas_cumprod, *, pre
     noise = sample_noise(k_noise, latents.shape, offset_noise)
     noisy = schedulers.add_noise(alphas_cumprod, latents, noise, t)
     target = diffusion_target(prediction_type, alphas_cumprod, latents, noise, t)
-    pred = unet(noisy, t, context).astype(jnp.float32)
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    pred = unet(noisy, t, context, **extra).astype(jnp.float32)
     mse = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
     weights = min_snr_weights(alphas_cumprod, t, prediction_type, min_snr_gamma)
     return jnp.mean(weights * mse), {"t": t, "mse": mse}
@@ -202,6 +204,9 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
     "input_ids" (B, 77) or (B, chunks, 77) with optional "token_weights" (`sdjax.prompts.CaptionTokenizer`), or
     cached "context". `latent_scaling` is the VAE's (scaling_factor, shift_factor),
     `vae_config.latent_scaling`: the loss sees `sdjax.autoencoder.to_latents(z, latent_scaling)`, as the pipeline.
+    SDXL (modules with "text_encoder_2"): "input_ids" / "token_weights" (B, encoders, chunks, 77), one row per
+    tokenizer, and "time_ids" (B, 6): each image's original size, crop top-left and target size, which the UNet
+    takes with the pooled text embedding (`sdxl_time_ids`).
     """
     if cfg.stage == "autoencoder":
         ae = cfg.autoencoder
@@ -234,17 +239,37 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
             mean, logvar = jax.lax.stop_gradient(modules["vae"].encode(batch["images"]))
         z = sample_latent(mean, logvar, k_latent) if obj.latent_sample else mean
         latents = to_latents(z.astype(jnp.float32), latent_scaling)
+        added = None
         if "context" in batch:
             context = batch["context"]
+        elif "text_encoder_2" in modules:  # SDXL: both encoders' context, bigG's pooled embedding, the size ids
+            from sdjax.pipeline import _encode_sdxl
+
+            encoders = [modules[k] for k in ("text_encoder", "text_encoder_2") if k in modules]
+            weights = batch.get("token_weights", jnp.ones(batch["input_ids"].shape, jnp.float32))
+            context, pooled = _encode_sdxl(encoders, batch["input_ids"], weights, clip_skip=cfg.model.clip_skip,
+                                           normalize=True)
+            added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
         else:
             context = encode_prompts(modules["text_encoder"], batch["input_ids"], batch.get("token_weights"),
                                      clip_skip=cfg.model.clip_skip)  # (B, 77 chunks, D)
         loss, aux = diffusion_loss(modules["unet"], latents, context, k_loss, jnp.asarray(alphas_cumprod),
                                    prediction_type=prediction_type, min_snr_gamma=obj.min_snr_gamma,
                                    offset_noise=obj.offset_noise, t_min=t_min, t_max=t_max,
-                                   timestep_logits=logits)
+                                   timestep_logits=logits, added_cond_kwargs=added)
         return loss, {"mse": jnp.mean(aux["mse"])}
     return loss_fn
+
+
+def sdxl_time_ids(host: dict, resolution: int) -> np.ndarray:
+    """SDXL's size ids of a host batch, (B, 6) float32: each image's original (height, width), the (top, left) of its
+    crop and the target size (resolution, resolution), as diffusers' SDXL training script builds add_time_ids.
+    Batches without "original_size" / "crop_top_left" (a dataset already at its resolution) get the target size and
+    (0, 0)."""
+    n = len(host["images"])
+    original = host.get("original_size", np.full((n, 2), resolution))
+    corner = host.get("crop_top_left", np.zeros((n, 2)))
+    return np.concatenate([original, corner, np.full((n, 2), resolution)], axis=1).astype(np.float32)
 
 
 def latent_scaling_factor(vae, images) -> float:
@@ -286,8 +311,9 @@ def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]) -> tu
     if not callable(factory):
         raise ValueError(f"optimizer.name={opt_cfg.name!r} is not an optax optimizer (e.g. 'adamw', 'adam', 'lion')")
     peaks = {name: float(opt_cfg.learning_rate) for name in trainable}
-    if "text_encoder" in peaks and opt_cfg.text_encoder_learning_rate:
-        peaks["text_encoder"] = float(opt_cfg.text_encoder_learning_rate)
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in peaks and opt_cfg.text_encoder_learning_rate:
+            peaks[name] = float(opt_cfg.text_encoder_learning_rate)
     schedules = {name: lr_schedule(peak, num_steps=num_steps, warmup_steps=opt_cfg.warmup_steps,
                                    schedule=opt_cfg.schedule, end_fraction=opt_cfg.end_lr_fraction)
                  for name, peak in peaks.items()}
@@ -393,11 +419,13 @@ def make_train_step(graphdefs: dict, loss_fn: Callable, tx: optax.GradientTransf
     return train_step
 
 
-def trainable_modules(cfg) -> tuple[str, ...]:
-    """Which modules train: the VAE for stage="autoencoder"; the UNet (+ text encoder) for diffusion."""
+def trainable_modules(cfg, modules: tuple[str, ...] = ("text_encoder", "unet", "vae")) -> tuple[str, ...]:
+    """Which of the run's `modules` train: the VAE for stage="autoencoder"; the UNet (+ the text encoders: SDXL's
+    both) for diffusion."""
     if cfg.stage == "autoencoder":
         return ("vae",)
-    return ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
+    text = ("text_encoder", "text_encoder_2") if cfg.train_text_encoder else ()
+    return tuple(m for m in ("unet", *text) if m in modules)
 
 
 def trainable_variables(cfg):
@@ -429,8 +457,10 @@ def _dtype(name: str, field: str):
     return DTYPES[name]
 
 
-def needed_modules(cfg) -> tuple[str, ...]:
-    return ("vae",) if cfg.stage == "autoencoder" else ("text_encoder", "unet", "vae")
+def needed_modules(cfg, variant_modules: tuple[str, ...] = ("text_encoder", "unet", "vae")) -> tuple[str, ...]:
+    """The modules a run builds: the VAE alone for the autoencoder stage, else all the model has (SDXL: with
+    text_encoder_2)."""
+    return ("vae",) if cfg.stage == "autoencoder" else tuple(variant_modules)
 
 
 @dataclasses.dataclass
@@ -443,6 +473,8 @@ class Models:
     tokenizer: Any
     scheduler_config: dict
     vae_config: Any            # the VAE's AutoencoderKLConfig (latent scaling)
+    tokenizer_2: Any = None    # SDXL's second tokenizer
+    options: dict = dataclasses.field(default_factory=dict)  # SDXL's pipeline options (StableDiffusion.options)
 
 
 def build_models(cfg) -> Models:
@@ -461,31 +493,45 @@ def build_models(cfg) -> Models:
     m = cfg.model
     kwargs = dict(dtype=_dtype(m.dtype, "model.dtype"), param_dtype=_dtype(m.param_dtype, "model.param_dtype"),
                   attention_impl=m.attention_impl)
-    names = needed_modules(cfg)
     loaded_modules, abstract = {}, {}
+    tokenizer_2, options = None, {}
     full_pipeline = m.init_from and (os.path.isfile(m.init_from) or
                                      os.path.isfile(os.path.join(m.init_from, "model_index.json")))
     if full_pipeline:
         pipe = pretrained.load_pretrained(m.init_from, **kwargs)
-        loaded_modules = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae": pipe.vae}
+        loaded_modules = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae": pipe.vae,
+                          "text_encoder_2": pipe.text_encoder_2}
+        loaded_modules = {k: v for k, v in loaded_modules.items() if v is not None}
+        names = needed_modules(cfg, tuple(loaded_modules))
         tokenizer, scheduler_config = pipe.tokenizer, dict(pipe.scheduler_config)
+        tokenizer_2, options = pipe.tokenizer_2, dict(pipe.options)
     else:
         if not m.variant:
             raise ValueError("model.init_from and model.variant are both empty: give a pretrained model "
                              "(--config.model.init_from=PATH, a diffusers folder or .safetensors file) or a named "
                              f"architecture to train from scratch (--config.model.variant=, one of {sorted(variants.VARIANTS)})")
         variant = variants.get(m.variant)
+        names = needed_modules(cfg, variant.modules)
         if m.init_from:
             find_vae_folder(m.init_from)  # a clear error when it is neither a pipeline nor a VAE
             loaded_modules["vae"] = load_vae(m.init_from, **kwargs)
-        tokenizer = default_tokenizer(pad_token_id=pretrained._PAD_IDS[variant.text_encoder.family])
-        scheduler_config = dict(variant.scheduler)
+        tokenizers = {name: default_tokenizer(pad_token_id=pretrained._PAD_IDS[config.family])
+                      for name, config in (("text_encoder", variant.text_encoder),
+                                           ("text_encoder_2", variant.text_encoder_2)) if config is not None}
+        tokenizer, tokenizer_2 = tokenizers.get("text_encoder"), tokenizers.get("text_encoder_2")
+        scheduler_config, options = dict(variant.scheduler), dict(variant.options)
         abstract, init_plan = variant.plan([name for name in names if name not in loaded_modules], **kwargs)
     if m.prediction_type:
         scheduler_config["prediction_type"] = m.prediction_type
     modules = {name: loaded_modules.get(name, abstract.get(name)) for name in names}
     if "unet" in modules:
         modules["unet"].remat = bool(m.remat)  # static: part of the graphdef
+    if "text_encoder_2" in modules:  # SDXL: the batches carry the base's 6 size ids
+        c, pooled = modules["unet"].config, modules["text_encoder_2"].config.projection_dim
+        if c.projection_class_embeddings_input_dim - pooled != 6 * c.addition_time_embed_dim:
+            raise ValueError("this SDXL UNet conditions on the refiner's aesthetic score (5 ids): train.py fine-tunes "
+                             "SDXL base models (original size, crop and target size); give the base as "
+                             "model.init_from")
     graphdefs, states = split_modules(modules)
     random_names = tuple(name for name in names if name not in loaded_modules)
 
@@ -494,7 +540,7 @@ def build_models(cfg) -> Models:
 
     vae = loaded_modules.get("vae", abstract.get("vae"))
     return Models(graphdefs, {name: states[name] for name in names if name in loaded_modules},
-                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config)
+                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config, tokenizer_2, options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -513,13 +559,15 @@ def preview_grid(sample_fn: Callable, modules: dict, prompts: list[str], seed: i
 
 
 def pipeline_sample_fn(tokenizer, scheduler_config: dict, *, num_inference_steps: int = 20,
-                       guidance_scale: float = 5.0, resolution: int | None = None, mesh=None) -> Callable:
+                       guidance_scale: float = 5.0, resolution: int | None = None, mesh=None, tokenizer_2=None,
+                       options: dict | None = None) -> Callable:
     """A `sample_fn` for previews that runs `sdjax.pipeline.generate` on the (EMA) modules."""
     def sample(modules, prompts, seed):
         from sdjax import pipeline
 
-        pipe = pipeline.StableDiffusion(modules["text_encoder"], modules["unet"], modules["vae"], tokenizer,
-                                        scheduler_config)
+        pipe = pipeline.StableDiffusion(modules.get("text_encoder"), modules["unet"], modules["vae"], tokenizer,
+                                        scheduler_config, text_encoder_2=modules.get("text_encoder_2"),
+                                        tokenizer_2=tokenizer_2, options=dict(options or {}))
         return pipeline.generate(pipe, prompts, seed=seed, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, height=resolution, width=resolution, mesh=mesh)
     return sample

@@ -184,40 +184,31 @@ def test_refiner_img2img_matches_diffusers(folders, torch_pipes, monkeypatch):
 
 
 def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes, tmp_path):
-    """The ensemble of experts in one call, `text2img(..., refiner=refiner, denoising_end=0.6)`: the base runs the
-    calls above 60% of the noise range (751, 501 of Euler's 4) and the refiner the rest from its latents as they
-    are, as diffusers' base(denoising_end=0.6, output_type="latent") then refiner(image=latents,
-    denoising_start=0.6): within 1/255 (batch 1, see above). sample.py's --config.refiner makes the same image and
-    records the refiner in the PNG."""
-    import sdjax
-    from sdjax import pipeline
-
-    base, refiner = sdjax.load_pretrained(folders["base"]), sdjax.load_pretrained(folders["refiner"])
-    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE)
-    ours = base.text2img(PROMPTS[:1], refiner=refiner, denoising_end=0.6, **kw)
-    noise, _ = pipeline.initial_noise(np.zeros(1), np.arange(1), (SIZE // 2, SIZE // 2, 4))
-    latents = torch_pipes["base"](PROMPTS[:1], latents=torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy()),
-                                  denoising_end=0.6, output_type="latent", **kw).images
-    theirs = torch_pipes["refiner"](PROMPTS[:1], image=latents, denoising_start=0.6, output_type="np",
-                                    num_inference_steps=4, guidance_scale=5.0).images
-    agree(ours, theirs)
-    half = base.text2img(PROMPTS[:1], denoising_end=0.6, output_type="latent", **kw)
-    np.testing.assert_allclose(half, latents.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
-    alone = base.text2img(PROMPTS[:1], **kw)
-    assert np.abs(ours.astype(int) - alone).max() > 8  # the refiner did the last two steps
-
+    """The ensemble of experts in one call, as sample.py runs it (--config.refiner, refiner_switch=0.6:
+    `generate(..., refiner=refiner, denoising_end=0.6)`): the base runs the calls above 60% of the noise range (751,
+    501 of Euler's 4) and the refiner the rest from its latents as they are, as diffusers' base(denoising_end=0.6,
+    output_type="latent") then refiner(image=latents, denoising_start=0.6): within 1/255 (batch 1, see above); the
+    PNG records the refiner."""
     from PIL import Image
 
     from configs import sample as sample_config
-    from sdjax import jobs
+    from sdjax import jobs, pipeline
 
     config = sample_config.get_config()
     config.update(checkpoint=str(folders["base"]), refiner=str(folders["refiner"]), refiner_switch=0.6,
                   prompt=PROMPTS[0], steps=4, guidance_scale=5.0, height=SIZE, width=SIZE, data_parallel=1,
                   output_dir=str(tmp_path / "out"))
     png = Image.open(next(jobs.run(config).glob("00000-*.png")))
-    np.testing.assert_array_equal(np.asarray(png), ours[0])
-    assert png.text["parameters"].endswith(f"Model: base, Refiner: refiner, Refiner switch at: 0.6")
+    assert png.text["parameters"].endswith("Model: base, Refiner: refiner, Refiner switch at: 0.6")
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE)
+    noise, _ = pipeline.initial_noise(np.zeros(1), np.arange(1), (SIZE // 2, SIZE // 2, 4))
+    noise = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy())
+    latents = torch_pipes["base"](PROMPTS[:1], latents=noise, denoising_end=0.6, output_type="latent", **kw).images
+    theirs = torch_pipes["refiner"](PROMPTS[:1], image=latents, denoising_start=0.6, output_type="np",
+                                    num_inference_steps=4, guidance_scale=5.0).images
+    agree(np.asarray(png)[None], theirs)
+    alone = torch_pipes["base"](PROMPTS[:1], latents=noise, output_type="np", **kw).images
+    assert np.abs(np.asarray(png).astype(int) - np.round(alone[0] * 255)).max() > 8  # the refiner's two steps count
 
 
 def test_inpainting_unet_matches_diffusers(folders, torch_pipes, monkeypatch):
@@ -329,7 +320,7 @@ def jax_normal(shape):
 def test_variants_build_sdxl_pipelines():
     """sdjax.variants' SDXL pipelines (sample.py's and the benchmarks' --config.variant): sdxl and sdxl_refiner plan
     the released models' parameter counts (ViT-L 123,060,480, bigG with its projection 694,659,840, the UNets
-    2,567,463,684 and 2,259,526,660, the VAE 83,653,863) without computing anything; tiny_sdxl samples."""
+    2,567,463,684 and 2,259,526,660, the VAE 83,653,863) without computing anything; tiny_sdxl builds."""
     import math
 
     import jax
@@ -344,10 +335,9 @@ def test_variants_build_sdxl_pipelines():
     assert counts("sdxl") == {"text_encoder": 123_060_480, "unet": 2_567_463_684, "vae": 83_653_863,
                               "text_encoder_2": 694_659_840}
     assert counts("sdxl_refiner") == {"unet": 2_259_526_660, "vae": 83_653_863, "text_encoder_2": 694_659_840}
-    pipe = variants.get("tiny_sdxl").pipeline(seed=0)
+    pipe = variants.get("tiny_sdxl").pipeline(seed=0)  # benchmarks/sample.py's on a CPU (run by hand: 4 steps)
     assert pipe.family == "sdxl" and pipe.options["force_zeros_for_empty_prompt"]
-    images = pipe.text2img(["a red circle"], num_inference_steps=2, height=SIZE, width=SIZE)
-    assert images.shape == (1, SIZE, SIZE, 3)
+    assert pipe.text_encoder_2.config.with_projection and pipe.tokenizer_2.pad_token_id == 0
 
 
 def test_lora_on_both_text_encoders_and_the_unet_matches_diffusers(folders, tmp_path):

@@ -44,14 +44,18 @@ def resize_shorter_side(image: np.ndarray, resolution: int, resample: str = "bic
 
 def crop(image: np.ndarray, resolution: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """A resolution x resolution crop: centred, or uniformly random when `rng` is given."""
-    h, w = image.shape[:2]
+    top, left = crop_corner(image.shape[:2], resolution, rng)
+    return image[top:top + resolution, left:left + resolution]
+
+
+def crop_corner(shape: tuple[int, int], resolution: int, rng: np.random.Generator | None = None) -> tuple[int, int]:
+    """(top, left) of `crop`'s square in an image of (height, width) `shape`."""
+    h, w = shape
     if h < resolution or w < resolution:
         raise ValueError(f"cannot crop {resolution}x{resolution} from a {w}x{h} image; resize it first")
     if rng is None:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-    else:
-        top, left = int(rng.integers(h - resolution + 1)), int(rng.integers(w - resolution + 1))
-    return image[top:top + resolution, left:left + resolution]
+        return (h - resolution) // 2, (w - resolution) // 2
+    return int(rng.integers(h - resolution + 1)), int(rng.integers(w - resolution + 1))
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
@@ -68,15 +72,23 @@ def preprocess_example(example: dict, rng: np.random.Generator, *, resolution: i
 
     Randomness comes only from `rng`, drawn in a fixed order (crop, flip, caption), so the same
     Generator state gives the same result. Do not flip the shapes dataset: it would swap left/right.
+    Also returns what SDXL conditions on, as diffusers' SDXL training script computes it: "original_size" (the
+    image's (height, width) before resizing) and "crop_top_left" ((top, left) of the crop in the resized image;
+    a flip makes left the resized width minus left).
     """
+    original = example["image"].shape[:2]
     image = resize_shorter_side(example["image"], resolution, resample)
-    image = crop(image, resolution, None if center_crop else rng)
+    top, left = crop_corner(image.shape[:2], resolution, None if center_crop else rng)
+    width = image.shape[1]
+    image = image[top:top + resolution, left:left + resolution]
     if random_flip and rng.random() < 0.5:
         image = image[:, ::-1]
+        left = width - left
     caption = example["caption"]
     if caption_dropout > 0 and rng.random() < caption_dropout:
         caption = ""
-    return {"image": to_float(np.ascontiguousarray(image)), "caption": caption}
+    return {"image": to_float(np.ascontiguousarray(image)), "caption": caption,
+            "original_size": np.asarray(original, np.int32), "crop_top_left": np.asarray((top, left), np.int32)}
 
 
 def make_preprocess(resolution: int, *, center_crop: bool = True, random_flip: bool = False,
@@ -125,7 +137,8 @@ def iterate_batches(dataset, batch_size: int, *, seed: int, start_step: int = 0,
     (default `as_float`) must return {"image": float32 (R, R, 3), "caption": str}. `num_threads` > 0
     reads and preprocesses a batch's examples in a thread pool (PIL decoding releases the GIL); the
     result is identical. Yields {"images": float32 (B, R, R, 3), "captions": list[str],
-    "indices": int64 (B,) dataset indices, "step": int}.
+    "indices": int64 (B,) dataset indices, "step": int}, and "original_size" / "crop_top_left" (B, 2) when
+    `preprocess` gives them (`preprocess_example`).
     """
     n = len(dataset)
     if n == 0:
@@ -156,8 +169,12 @@ def iterate_batches(dataset, batch_size: int, *, seed: int, start_step: int = 0,
             if len(shapes) > 1:
                 raise ValueError(f"images in batch {step} have different shapes {sorted(shapes)}; "
                                  "pass preprocess=make_preprocess(resolution=...) to resize and crop them")
-            yield {"images": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
-                   "captions": [e["caption"] for e in examples], "indices": indices[mine], "step": step}
+            batch = {"images": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
+                     "captions": [e["caption"] for e in examples], "indices": indices[mine], "step": step}
+            for key in ("original_size", "crop_top_left"):
+                if key in examples[0]:
+                    batch[key] = np.stack([e[key] for e in examples])
+            yield batch
             step += 1
     finally:
         if pool:

@@ -1,0 +1,81 @@
+"""train.py on SDXL: configs/finetune_sdxl.py on a tiny SDXL diffusers folder and a folder of captioned images of
+several sizes: each image's size ids come from its real size and crop; full fine-tuning and LoRA (on the UNet and
+both text encoders) resumed after a kill give the uninterrupted run's losses and train state."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from tests import tiny_models
+from tests.test_train_script import cache_dir, checkpoint_state, losses, train_module, write_png  # noqa: F401
+
+pytestmark = pytest.mark.xdist_group("sdxl_training")
+
+SIZES = {"a_wide": (32, 48), "b_tall": (56, 32), "c_square": (40, 40), "d_small": (44, 36)}  # (height, width)
+
+
+@pytest.fixture(scope="module")
+def data_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-train")
+    data = root / "images"
+    data.mkdir()
+    for k, (name, size) in enumerate(SIZES.items()):
+        write_png(data / f"{name}.png", (60 * k, 255 - 50 * k, 90), size=size)
+        (data / f"{name}.txt").write_text(f"a {name[2:]} picture\n")
+    model = root / "tiny-sdxl"
+    tiny_models.tiny_sdxl_pipeline(root).save_pretrained(str(model), safe_serialization=True)
+    return data, model
+
+
+def sdxl_config(workdir, data, model, **overrides):
+    """configs/finetune_sdxl.py (FSDP over every device) at 32 px, 2 images a step, in float32 without remat (a third
+    less compile time; bf16 and remat train the same code: tests/test_train_script.py)."""
+    from tests.test_training import load_config
+
+    return load_config("finetune_sdxl", **{"workdir": str(workdir), "data.path": str(data),
+                                           "model.init_from": str(model), "data.resolution": 32, "batch_size": 2,
+                                           "num_steps": 2, "log_every": 1, "progress_bar": False,
+                                           "checkpoint.every": 1, "ema.decay": 0.9, "export.formats": (),
+                                           "optimizer.learning_rate": 1e-3, "model.dtype": "float32",
+                                           "model.remat": False, **overrides})
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_and_lora_resume_exactly_after_a_kill(tmp_path, monkeypatch, train_module, data_and_model, lora):
+    """Two steps with a checkpoint after each; then, as if killed before the second was saved, the checkpoint of
+    step 2 is removed and train.py runs again: it resumes from step 1 and gives step 2's loss and train state
+    (parameters, AdamW moments, EMA; with LoRA the adapters of the UNet and both text encoders) bit for bit."""
+    data, model = data_and_model
+    extra = {"lora.rank": 2, "train_text_encoder": True, "ema.decay": 0.0} if lora else {}
+    seen = []
+    time_ids = train_module.training.sdxl_time_ids
+
+    def spy(host, resolution):
+        out = time_ids(host, resolution)
+        seen.append((list(host["captions"]), out))
+        return out
+    monkeypatch.setattr(train_module.training, "sdxl_time_ids", spy)
+    run = tmp_path / "run"
+    whole = train_module.main(sdxl_config(run, data, model, **extra))
+    assert whole["step"] == 2 and np.isfinite(whole["loss"])
+    for captions, ids in seen:  # original (height, width), crop corner in the resized image, target 32 x 32
+        for caption, row in zip(captions, ids):
+            height, width = next(size for name, size in SIZES.items() if name[2:] in caption)
+            scale = 32 / min(width, height)
+            resized = (max(32, round(height * scale)), max(32, round(width * scale)))
+            assert tuple(row[:2]) == (height, width) and tuple(row[4:]) == (32, 32)
+            top, left = row[2:4]  # left: the resized width minus left after a flip, as diffusers
+            assert 0 <= top <= resized[0] - 32 and 0 <= left <= resized[1]
+    assert any(row[2] + row[3] > 0 for _, ids in seen for row in ids)  # a random crop off the corner
+
+    expected, expected_losses = checkpoint_state(run, 2), losses(run)
+    assert any("text_encoder_2" in k for k in expected) == lora and len(expected_losses) == 2
+    shutil.rmtree(run / "checkpoints" / "2")
+    resumed = train_module.main(sdxl_config(run, data, model, **extra))
+    assert resumed["step"] == 2 and losses(run) == expected_losses
+    state = checkpoint_state(run, 2)
+    assert state.keys() == expected.keys()
+    for key in state:
+        np.testing.assert_array_equal(state[key], expected[key], err_msg=key)
