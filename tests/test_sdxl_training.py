@@ -25,7 +25,8 @@ def data_and_model(tmp_path_factory):
         write_png(data / f"{name}.png", (60 * k, 255 - 50 * k, 90), size=size)
         (data / f"{name}.txt").write_text(f"a {name[2:]} picture\n")
     model = root / "tiny-sdxl"
-    tiny_models.tiny_sdxl_pipeline(root).save_pretrained(str(model), safe_serialization=True)
+    # two text-encoder layers (SDXL reads the penultimate): a smaller step to compile
+    tiny_models.tiny_sdxl_pipeline(root, text_layers=2).save_pretrained(str(model), safe_serialization=True)
     return data, model
 
 

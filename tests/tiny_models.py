@@ -152,10 +152,11 @@ def tiny_diffusers_folder(tmp, family: str = "sd1", inpaint: bool = False, **lay
 # --------------------------------------------------------------------------------------------------------- SDXL
 
 
-def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4):
-    """SDXL's UNet layout, tiny: a plain first level, then cross-attention with 2 transformer layers (head dim 64,
+def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4, depth: int = 1):
+    """SDXL's UNet layout, tiny: a plain first level, then cross-attention with `depth` transformer layers (head dim 64,
     32 GroupNorm groups, as SDXL: what a single file's tensors do not say), linear projections, the added text_time
-    conditioning (the pooled embedding + 6 ids, or the refiner's 5); 9 input channels for SDXL's inpainting UNet."""
+    conditioning (the pooled embedding + 6 ids, or the refiner's 5); 9 input channels for SDXL's inpainting UNet;
+    `depth` > 1 gives the transformer blocks a second layer (SDXL's are 2 and 10 deep; one compiles faster)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(7)
@@ -163,18 +164,18 @@ def tiny_unet_sdxl(refiner: bool = False, in_channels: int = 4):
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=(1, 2), use_linear_projection=True,
+        transformer_layers_per_block=(1, depth), attention_head_dim=(1, 2), use_linear_projection=True,
         cross_attention_dim=cross, norm_num_groups=32, addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_DIM,
         projection_class_embeddings_input_dim=SDXL_POOLED + (5 if refiner else 6) * SDXL_TIME_DIM)
     return perturb_(unet, 7 + refiner)
 
 
-def tiny_sdxl_pipeline(tmp, refiner: bool = False, inpaint: bool = False):
+def tiny_sdxl_pipeline(tmp, refiner: bool = False, inpaint: bool = False, text_layers: int = 3, depth: int = 1):
     """diffusers' StableDiffusionXLPipeline (or, refiner=True, StableDiffusionXLImg2ImgPipeline with the second
     encoder only and aesthetic-score conditioning; inpaint=True, StableDiffusionXLInpaintPipeline with a 9-channel
     UNet) of tiny random models: a 3-layer CLIP ViT-L stand-in, the projection encoder above, SDXL's VAE scaling
-    factor (0.13025), Euler discrete as SDXL ships."""
+    factor (0.13025), Euler discrete as SDXL ships. text_layers, depth: fewer layers (a smaller program to compile)."""
     from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
                            StableDiffusionXLPipeline)
 
@@ -185,12 +186,13 @@ def tiny_sdxl_pipeline(tmp, refiner: bool = False, inpaint: bool = False):
     tokenizer_2 = tiny_tokenizer(Path(tmp) / "tokenizer_2_files", "sd2")  # pads with "!", as OpenCLIP
     if refiner:
         return StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=tiny_clip("gelu", 3, with_projection=True), tokenizer=None,
-            tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(refiner=True), scheduler=scheduler,
+            vae=vae, text_encoder=None, text_encoder_2=tiny_clip("gelu", text_layers, with_projection=True),
+            tokenizer=None, tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(refiner=True, depth=depth), scheduler=scheduler,
             requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
     return cls(
-        vae=vae, text_encoder=tiny_clip("quick_gelu", num_hidden_layers=3),
-        text_encoder_2=tiny_clip("gelu", 3, with_projection=True),
+        vae=vae, text_encoder=tiny_clip("quick_gelu", num_hidden_layers=text_layers),
+        text_encoder_2=tiny_clip("gelu", text_layers, with_projection=True),
         tokenizer=tiny_tokenizer(Path(tmp) / "tokenizer_files"), tokenizer_2=tokenizer_2,
-        unet=tiny_unet_sdxl(in_channels=9 if inpaint else 4), scheduler=scheduler, force_zeros_for_empty_prompt=True)
+        unet=tiny_unet_sdxl(in_channels=9 if inpaint else 4, depth=depth), scheduler=scheduler,
+        force_zeros_for_empty_prompt=True)
