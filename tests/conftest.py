@@ -19,7 +19,7 @@ import pytest
 ACCEPTED_SKIPS = ("needs a GPU", "needs a machine without a GPU")
 # The files with the longest tests or groups (CI's --durations list), longest first; the rest keep their order.
 SLOW_FIRST = ("test_shapes_demo.py", "test_train_script.py", "test_sharded_sampling.py", "test_pipeline.py",
-              "test_sample_script.py")
+              "test_sdxl.py", "test_sdxl_training.py", "test_sample_script.py")
 _CACHE_ENV = "SDJAX_TEST_COMPILATION_CACHE"
 
 

@@ -143,13 +143,13 @@ def test_ckpt_and_fp16_files(tmp_path):
     assert rel_err(our_outputs(loaded)["eps"], ref["eps"]) < 1e-2
 
 
-def test_bf16_compute_with_fp32_params(tmp_path):
-    folder = tiny_models.tiny_diffusers_folder(tmp_path, "sd1")
-    pipe = sdjax.load_pretrained(folder, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+@pytest.mark.parametrize("case", ["sd1"], indirect=True)  # the sd1 folder the tests above use
+def test_bf16_compute_with_fp32_params(case):
+    pipe = sdjax.load_pretrained(case["folder"], dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert pipe.unet.conv_in.kernel.dtype == jnp.float32
     out = our_outputs(pipe)
     assert out["eps"].dtype == jnp.bfloat16
-    assert rel_err(out["eps"], our_outputs(sdjax.load_pretrained(folder))["eps"]) < 5e-2
+    assert rel_err(out["eps"], case["ref"]["eps"]) < 5e-2
 
 
 def test_bad_paths_and_checkpoints_give_precise_errors(tmp_path):

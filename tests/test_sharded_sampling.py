@@ -43,7 +43,8 @@ GENERATE = """
                 for start in range(0, 8, size):
                     idx = list(range(start, min(start + size, 8)))
                     padded = idx + [idx[-1]] * (size - len(idx))  # a fixed batch shape, as sample.py
-                    out = pipe.text2img([prompts[i] for i in padded], indices=padded, seed=7, num_inference_steps=3,
+                    out = pipe.text2img([prompts[i] for i in padded], indices=padded, seeds=[7 + i for i in padded],
+                                        num_inference_steps=3,
                                         height=32, width=32, sampler="Euler a", mesh=mesh, batch_invariant=invariant)
                     images.append(out[:len(idx)])
                 np.save(f"{out_dir}/{{invariant}}-{{n}}-{{size}}.npy", np.concatenate(images))
@@ -51,8 +52,9 @@ GENERATE = """
 
 
 def test_batch_size_and_device_count_do_not_change_the_images(tmp_path, tiny_sd1):
-    """batch_invariant=True: bit-identical for batch sizes 1, 3, 8 on 1 and 8 devices. The default batched
-    program: the same up to float rounding, at most 1/255 (the README's claim)."""
+    """Image k is a function of its prompt, seed and index alone (each image has its own seed here):
+    batch_invariant=True: bit-identical for batch sizes 1, 3, 8 on 1 and 8 devices. The default batched program: the
+    same up to float rounding, at most 1/255 (the README's claim)."""
     run_python(GENERATE.format(out_dir=tmp_path, checkpoint=tiny_sd1), devices=8)
     for invariant in (True, False):
         ref = np.load(tmp_path / f"{invariant}-1-8.npy").astype(int)
