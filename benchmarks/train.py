@@ -4,6 +4,9 @@
     python benchmarks/train.py --config configs/tiny.py --lora_rank=4                    # LoRA of the same model
     python benchmarks/train.py --config configs/finetune_sd15.py --config.model.variant=sd15 \
         --config.data.source=shapes --config.batch_size=8 --steps=20                     # SD 1.5, 512 px, one GPU
+    python benchmarks/train.py --config configs/finetune_sdxl.py --config.model.variant=sdxl \
+        --config.data.source=shapes --config.batch_size=8 --steps=20                     # SDXL, 1024 px, FSDP
+    python benchmarks/train.py --config configs/tiny.py --config.model.variant=tiny_sdxl --config.data.resolution=32
 
 Runs `train.main` for warmup + steps optimizer steps with checkpoints, export and previews off, reads
 the per-step times train.py logs (the device runs one step ahead of the host, so in steady state the

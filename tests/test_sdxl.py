@@ -192,7 +192,7 @@ def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes, tmp_pa
     `generate(..., refiner=refiner, denoising_end=0.6)`): the base runs the calls above 60% of the noise range (751,
     501 of Euler's 4) and the refiner the rest from its latents as they are, as diffusers' base(denoising_end=0.6,
     output_type="latent") then refiner(image=latents, denoising_start=0.6): within 1/255 (batch 1, see above); the
-    PNG records the refiner."""
+    PNG records the refiner. Textual inversion files for SDXL stop the job with the fix."""
     from PIL import Image
 
     from configs import sample as sample_config
@@ -213,6 +213,13 @@ def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes, tmp_pa
     agree(np.asarray(png)[None], theirs)
     alone = torch_pipes["base"](PROMPTS[:1], latents=noise, output_type="np", **kw).images
     assert np.abs(np.asarray(png).astype(int) - np.round(alone[0] * 255)).max() > 8  # the refiner's two steps count
+
+    from sdjax.weights.safetensors_io import write_safetensors
+
+    write_safetensors({"emb_params": np.zeros((1, 128), np.float32)}, tmp_path / "style.safetensors")  # A1111's
+    config.update(embeddings=str(tmp_path / "style.safetensors"), refiner="", output_dir=str(tmp_path / "ti"))
+    with pytest.raises(jobs.ConfigError, match="SDXL embeddings hold a vector for each of its two text encoders"):
+        jobs.run(config)
 
 
 def test_inpainting_unet_matches_diffusers(folders, torch_pipes, monkeypatch):
