@@ -26,7 +26,7 @@ _LAZY = {
 }
 
 _SUBMODULES = ("attention", "autoencoder", "clip", "data", "jobs", "lora", "pipeline", "pretrained", "prompts",
-               "sampling", "schedulers", "textual_inversion", "tokenizer", "unet", "variants", "weights")
+               "sampling", "schedulers", "sdxl", "textual_inversion", "tokenizer", "unet", "variants", "weights")
 
 __all__ = sorted(_LAZY)
 

@@ -30,8 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdjax import sampling, schedulers
 from sdjax.autoencoder import approx_decode, from_latents, to_latents
-from sdjax.clip import sdxl_conditioning
-from sdjax.prompts import apply_emphasis, encode_prompts, tokenize_prompts
+from sdjax import sdxl
+from sdjax.prompts import encode_prompts, tokenize_prompts
 
 
 @dataclasses.dataclass
@@ -189,20 +189,6 @@ def _denoise(graphdef, state, ids, neg_ids, weights, neg_weights, seeds, indices
         modules, *(a[None] for a in item), guidance_scale, guidance_rescale, static=static)), batch)
 
 
-def _encode_sdxl(encoders, ids, weights, *, clip_skip: int, normalize: bool):
-    """SDXL: ids, weights (B, encoders, chunks, 77) -> context (B, 77 chunks, 768 + 1280), pooled (B, 1280).
-    Each chunk is encoded alone (`sdjax.clip.sdxl_conditioning`) and each encoder's part gets the emphasis apart,
-    as A1111 does; the pooled embedding is the first chunk's."""
-    B, n, k, length = ids.shape
-    context, pooled = sdxl_conditioning(encoders, [ids[:, e].reshape(-1, length) for e in range(n)],
-                                        clip_skip=clip_skip)
-    widths = np.cumsum([e.config.hidden_size for e in encoders])[:-1].tolist()
-    flat_weights = weights[:, 0].reshape(-1, length)
-    context = jnp.concatenate([apply_emphasis(part, flat_weights, normalize=normalize)
-                               for part in jnp.split(context, widths, axis=-1)], axis=-1)
-    return context.reshape(B, k * length, -1), pooled.reshape(B, k, -1)[:, 0]
-
-
 def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, images, masks, time_ids,
                    guidance_scale, guidance_rescale, *, static: _Static):
     text_encoder, text_encoder_2, unet, vae = modules
@@ -218,7 +204,7 @@ def _denoise_batch(modules, ids, neg_ids, weights, neg_weights, seeds, indices, 
         def encode(ids, weights):
             return encode_prompts(text_encoder, ids, weights, **kw), jnp.zeros((ids.shape[0], 0), jnp.float32)
     else:
-        encode = functools.partial(_encode_sdxl, [e for e in (text_encoder, text_encoder_2) if e is not None], **kw)
+        encode = functools.partial(sdxl.encode, [e for e in (text_encoder, text_encoder_2) if e is not None], **kw)
     context, pooled = encode(ids, weights)
     uncond, uncond_pooled = context, pooled
     if static.guidance and static.zero_uncond:
@@ -484,10 +470,10 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         raise ValueError(f"trajectory_decoder must be 'vae', 'approx' or 'latent', got {trajectory_decoder!r}")
     if not guidance_scale >= 0:
         raise ValueError(f"guidance_scale={guidance_scale}: use 0 or more (up to 1: no guidance, the prompt alone)")
-    sdxl = pipe.family == "sdxl"
-    layers = (pipe.text_encoder or pipe.text_encoder_2).config.num_hidden_layers - sdxl  # SDXL: penultimate first
+    is_sdxl = pipe.family == "sdxl"
+    layers = (pipe.text_encoder or pipe.text_encoder_2).config.num_hidden_layers - is_sdxl  # SDXL: penultimate first
     if not 0 <= clip_skip < layers:
-        raise ValueError(f"clip_skip={clip_skip}: the text encoder has {layers + sdxl} layers; use 0 to "
+        raise ValueError(f"clip_skip={clip_skip}: the text encoder has {layers + is_sdxl} layers; use 0 to "
                          f"{layers - 1}")
     if init_images is not None:
         init_images = _as_images(init_images, "init_images", B)
@@ -499,10 +485,10 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
                                  "then resized to the output size)".format(k, *_image_size(mask), *_image_size(image)))
     mode = "text2img" if init_images is None and init_latents is None else ("img2img" if masks is None else "inpaint")
     scheduler_config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler, **(scheduler_overrides or {}))
-    if not sdxl:
+    if not is_sdxl:
         ids, weights = tokenize_prompts(pipe.tokenizer, prompts + negative, emphasis=emphasis, min_chunks=min_chunks)
         time_ids = np.zeros((B, 2, 0), np.float32)
-        _no_micro_conditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+        sdxl.check_no_micro_conditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                negative_crops_coords_top_left, negative_target_size)
     else:  # (2B, encoders, chunks, 77): each tokenizer's ids (they pad differently), as many chunks in both
         tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]
@@ -511,10 +497,10 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         k = max(ids.shape[1] for ids, _ in pairs)  # the same unless their added tokens differ: then again, padded
         pairs = [pair if pair[0].shape[1] == k else tokenize(t, min_chunks=k) for t, pair in zip(tokenizers, pairs)]
         ids, weights = (np.stack([pair[i] for pair in pairs], axis=1) for i in (0, 1))
-        time_ids = _sdxl_time_ids(pipe, B, height, width, original_size, crops_coords_top_left, target_size,
+        time_ids = sdxl.time_ids(pipe, B, height, width, original_size, crops_coords_top_left, target_size,
                                   negative_original_size, negative_crops_coords_top_left, negative_target_size,
                                   aesthetic_score, negative_aesthetic_score)
-    zero_uncond = sdxl and negative_prompts is None and bool(pipe.options.get("force_zeros_for_empty_prompt"))
+    zero_uncond = is_sdxl and negative_prompts is None and bool(pipe.options.get("force_zeros_for_empty_prompt"))
     static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
                      int(clip_skip), float(strength), mode, bool(batch_invariant), output_type,
                      emphasis != "No norm", trajectory_every=int(trajectory_every),
@@ -560,32 +546,6 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     if trajectory_decoder == "approx":   # latent resolution -> the images' (nearest neighbour)
         trajectory = trajectory.repeat(f, axis=2).repeat(f, axis=3)
     return images, trajectory
-
-
-def _no_micro_conditioning(*values) -> None:
-    if any(v is not None and v != (0, 0) for v in values):
-        raise ValueError("original_size, crops_coords_top_left, target_size and their negative_* are SDXL's "
-                         "micro-conditioning; this is not an SDXL model")
-
-
-def _sdxl_time_ids(pipe, B: int, height: int, width: int, original_size, crops, target_size, negative_original_size,
-                   negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score) -> np.ndarray:
-    """(B, 2, n) float32: the negative's and the prompt's size ids, as diffusers' _get_add_time_ids builds them:
-    original size + crop top-left + target size (base, 6), or + aesthetic score (refiner, 5)."""
-    c = pipe.unet.config
-    pooled = pipe.text_encoder_2.config.projection_dim
-    n = (c.projection_class_embeddings_input_dim - pooled) // c.addition_time_embed_dim
-    original = tuple(original_size or (height, width))
-    target = tuple(target_size or (height, width))
-    if n == 6:
-        tail, negative_tail = target, tuple(negative_target_size or target)
-    elif n == 5:
-        tail, negative_tail = (aesthetic_score,), (negative_aesthetic_score,)
-    else:
-        raise ValueError(f"this SDXL UNet takes {n} size ids; sdjax knows the base's 6 and the refiner's 5")
-    positive = [*original, *crops, *tail]
-    negative = [*(negative_original_size or original), *(negative_crops or crops), *negative_tail]
-    return np.tile(np.asarray([negative, positive], np.float32)[None], (B, 1, 1))
 
 
 _programs: dict = {}  # multi-process: the compiled programs, by everything that shapes them

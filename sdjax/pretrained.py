@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax import initializers, variants
+from sdjax import initializers, sdxl, variants
 from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from sdjax.clip import CLIPTextConfig, CLIPTextEncoder, strip_text_model_prefix
 from sdjax.pipeline import StableDiffusion
@@ -113,8 +113,6 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
                      f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
 
 
-# model_index.json settings of SDXL's pipelines, kept in StableDiffusion.options and written back
-_SDXL_OPTIONS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
 
 
 def _present(index: dict, part: str) -> bool:
@@ -167,7 +165,7 @@ def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
     else:
         log.warning("%s has no scheduler/scheduler_config.json; using the %s default", path, family)
         scheduler_config = copy.deepcopy(variants.SCHEDULERS[family])
-    options = {k: index.get(k, v) for k, v in _SDXL_OPTIONS.items()} if family == "sdxl" else {}
+    options = {k: index.get(k, v) for k, v in sdxl.OPTIONS.items()} if family == "sdxl" else {}
     return StableDiffusion(encoders.get("text_encoder"), unet, vae, tokenizers.get("text_encoder"), scheduler_config,
                            text_encoder_2=encoders.get("text_encoder_2"),
                            tokenizer_2=tokenizers.get("text_encoder_2"), options=options)
@@ -256,7 +254,7 @@ def save_pretrained(pipe: StableDiffusion, folder: str | os.PathLike, *, dtype=N
         index = {"_class_name": "StableDiffusionXLPipeline" if pipe.text_encoder is not None
                  else "StableDiffusionXLImg2ImgPipeline", "_diffusers_version": "0.30.0",
                  "feature_extractor": [None, None], "image_encoder": [None, None],
-                 **{k: pipe.options.get(k, v) for k, v in _SDXL_OPTIONS.items()}}
+                 **{k: pipe.options.get(k, v) for k, v in sdxl.OPTIONS.items()}}
     for part, encoder, tokenizer in (("text_encoder", pipe.text_encoder, pipe.tokenizer),
                                      ("text_encoder_2", pipe.text_encoder_2, pipe.tokenizer_2)):
         tokenizer_part = part.replace("text_encoder", "tokenizer")

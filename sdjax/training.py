@@ -243,11 +243,11 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
         if "context" in batch:
             context = batch["context"]
         elif "text_encoder_2" in modules:  # SDXL: both encoders' context, bigG's pooled embedding, the size ids
-            from sdjax.pipeline import _encode_sdxl
+            from sdjax import sdxl
 
             encoders = [modules[k] for k in ("text_encoder", "text_encoder_2") if k in modules]
             weights = batch.get("token_weights", jnp.ones(batch["input_ids"].shape, jnp.float32))
-            context, pooled = _encode_sdxl(encoders, batch["input_ids"], weights, clip_skip=cfg.model.clip_skip,
+            context, pooled = sdxl.encode(encoders, batch["input_ids"], weights, clip_skip=cfg.model.clip_skip,
                                            normalize=True)
             added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
         else:

@@ -102,12 +102,17 @@ def outputs_of_sdjax(pipe):
 
 
 @pytest.mark.parametrize("which", ["base", "refiner"])
-def test_folders_load_and_save_both_ways(folders, torch_pipes, tmp_path, which):
+def test_folders_and_single_files_load_and_save_both_ways(folders, torch_pipes, tmp_path, which):
     """A diffusers SDXL folder (text_encoder_2, tokenizer_2; the refiner without the first encoder) loads in sdjax
     with diffusers' conditioning and UNet output (1e-4); sdjax's save_pretrained writes a folder diffusers loads
-    with the same outputs, and sdjax reads back bit for bit."""
+    with the same outputs, and sdjax reads back bit for bit. save_single_file writes the released files' layout:
+    diffusers' from_single_file reads it with diffusers' outputs (1e-6), sdjax reads it back bit for bit, and without
+    sdjax's metadata the family, base or refiner, and every size are read off the tensors (outputs 1e-4)."""
     import diffusers
+
     import sdjax
+    from sdjax.weights import single_file
+    from sdjax.weights.safetensors_io import read_metadata
 
     pipe = sdjax.load_pretrained(folders[which])
     assert pipe.family == "sdxl" and pipe.text_encoder_2.config.with_projection
@@ -129,6 +134,33 @@ def test_folders_load_and_save_both_ways(folders, torch_pipes, tmp_path, which):
     again = sdjax.load_pretrained(tmp_path / "saved")
     for a, b in zip(outputs_of_sdjax(again), ours):
         np.testing.assert_array_equal(a, b)
+
+    # single files: the released layout (the UNet and VAE where SD keeps them, ViT-L under
+    # conditioner.embedders.0.transformer, bigG under embedders.1.model, or 0 in the refiner, its text_projection
+    # transposed as OpenCLIP applies it)
+    path = sdjax.save_single_file(pipe, tmp_path / f"{which}.safetensors")
+    for a, b in zip(outputs_of_sdjax(sdjax.load_pretrained(path)), ours):
+        np.testing.assert_array_equal(a, b)
+    tensors = single_file.read_checkpoint(path)
+    bigg = "conditioner.embedders.1.model." if which == "base" else "conditioner.embedders.0.model."
+    assert tensors[bigg + "text_projection"].shape == (tiny_models.SDXL_G_HIDDEN, tiny_models.SDXL_POOLED)
+    assert ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in tensors) == (which == "base")
+    assert tensors["model.diffusion_model.label_emb.0.0.weight"].shape[1] == \
+        tiny_models.SDXL_POOLED + (6 if which == "base" else 5) * tiny_models.SDXL_TIME_DIM
+    theirs = cls.from_single_file(str(path), config=str(folders[which]), local_files_only=True)
+    for a, b in zip(outputs_of_diffusers(theirs, pipe.unet.config), want):
+        assert rel_err(a, b) <= 1e-6
+
+    plain = tmp_path / "plain.safetensors"
+    single_file.write_checkpoint(tensors, plain)
+    assert set(read_metadata(plain)) == {"format"}
+    detected = sdjax.load_pretrained(plain)
+    assert detected.family == "sdxl" and (detected.text_encoder is None) == (which == "refiner")
+    assert detected.options == pipe.options and detected.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert detected.vae.config.scaling_factor == pytest.approx(0.13025) and detected.tokenizer_2.pad_token_id == 0
+    assert detected.unet.config.addition_time_embed_dim == tiny_models.SDXL_TIME_DIM
+    for a, b in zip(outputs_of_sdjax(detected), want):
+        assert rel_err(a, b) <= 1e-4
 
 
 NEGATIVE_MICRO = dict(negative_original_size=(16, 16), negative_crops_coords_top_left=(0, 4),
@@ -246,48 +278,6 @@ def test_inpainting_unet_matches_diffusers(folders, torch_pipes, monkeypatch):
     theirs = torch_pipes["inpaint"](PROMPTS[:1], image=Image.fromarray(image), mask_image=Image.fromarray(mask),
                                     strength=1.0, output_type="np", **kw).images
     agree(ours, theirs)
-
-
-@pytest.mark.parametrize("which", ["base", "refiner"])
-def test_single_files_load_and_save_both_ways(folders, torch_pipes, tmp_path, which):
-    """save_single_file writes SDXL in the released files' layout (the UNet and VAE where SD keeps them, ViT-L under
-    conditioner.embedders.0.transformer, bigG under embedders.1.model, or 0 for the refiner, its text_projection
-    transposed as OpenCLIP applies it): diffusers' from_single_file reads it with diffusers' outputs (1e-6), and
-    sdjax reads it back bit for bit. Without sdjax's metadata, the family, base or refiner, and every size are read
-    off the tensors: outputs 1e-4 from diffusers'."""
-    import diffusers
-
-    import sdjax
-    from sdjax.weights import single_file
-    from sdjax.weights.safetensors_io import read_metadata
-
-    pipe = sdjax.load_pretrained(folders[which])
-    want = outputs_of_diffusers(torch_pipes[which], pipe.unet.config)
-    path = sdjax.save_single_file(pipe, tmp_path / f"{which}.safetensors")
-    ours = outputs_of_sdjax(sdjax.load_pretrained(path))
-    for a, b in zip(ours, outputs_of_sdjax(pipe)):
-        np.testing.assert_array_equal(a, b)
-    tensors = single_file.read_checkpoint(path)
-    bigg = "conditioner.embedders.1.model." if which == "base" else "conditioner.embedders.0.model."
-    assert tensors[bigg + "text_projection"].shape == (tiny_models.SDXL_G_HIDDEN, tiny_models.SDXL_POOLED)
-    assert ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in tensors) == (which == "base")
-    assert tensors["model.diffusion_model.label_emb.0.0.weight"].shape[1] == \
-        tiny_models.SDXL_POOLED + (6 if which == "base" else 5) * tiny_models.SDXL_TIME_DIM
-    cls = diffusers.StableDiffusionXLPipeline if which == "base" else diffusers.StableDiffusionXLImg2ImgPipeline
-    theirs = cls.from_single_file(str(path), config=str(folders[which]), local_files_only=True)
-    for a, b in zip(outputs_of_diffusers(theirs, pipe.unet.config), want):
-        assert rel_err(a, b) <= 1e-6
-
-    plain = tmp_path / "plain.safetensors"
-    single_file.write_checkpoint(tensors, plain)
-    assert set(read_metadata(plain)) == {"format"}
-    detected = sdjax.load_pretrained(plain)
-    assert detected.family == "sdxl" and (detected.text_encoder is None) == (which == "refiner")
-    assert detected.options == pipe.options and detected.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
-    assert detected.vae.config.scaling_factor == pytest.approx(0.13025) and detected.tokenizer_2.pad_token_id == 0
-    assert detected.unet.config.addition_time_embed_dim == tiny_models.SDXL_TIME_DIM
-    for a, b in zip(outputs_of_sdjax(detected), want):
-        assert rel_err(a, b) <= 1e-4
 
 
 def test_float16_keeps_the_vae_in_float32_unless_it_is_made_for_float16(folders, tmp_path):

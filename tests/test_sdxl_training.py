@@ -1,6 +1,6 @@
 """train.py on SDXL: configs/finetune_sdxl.py on a tiny SDXL diffusers folder and a folder of captioned images of
-several sizes: each image's size ids come from its real size and crop; LoRA on the UNet and both text encoders
-resumed after a kill gives the uninterrupted run's losses and train state."""
+several sizes: each image's size ids come from its real size and crop; LoRA resumed after a kill gives the
+uninterrupted run's losses and train state."""
 from __future__ import annotations
 
 import shutil
@@ -43,15 +43,14 @@ def sdxl_config(workdir, data, model, **overrides):
                                            "model.remat": False, **overrides})
 
 
-def test_lora_on_the_unet_and_both_text_encoders_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module,
-                                                                              data_and_model):
-    """LoRA on the UNet and both text encoders (train_text_encoder), two steps with a checkpoint after each; then, as
-    if killed before the second was saved, the checkpoint of step 2 is removed and train.py runs again: it resumes
-    from step 1 and gives step 2's loss and train state (the adapters and their AdamW moments) bit for bit. (Full
-    fine-tuning runs the same step with the whole UNet trainable: run by hand, it resumes bit for bit too; kept out
-    of the suite for its time.)"""
+def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, data_and_model):
+    """LoRA on the UNet (both text encoders frozen, each caption encoded by both with its size ids), two steps with a
+    checkpoint after each; then, as if killed before the second was saved, the checkpoint of step 2 is removed and
+    train.py runs again: it resumes from step 1 and gives step 2's loss and train state (the adapters and their AdamW
+    moments) bit for bit. (Full fine-tuning and LoRA on both text encoders too, train_text_encoder, run the same step
+    with more trainable: each passed this test in full-suite runs before it was cut for the suite's time.)"""
     data, model = data_and_model
-    extra = {"lora.rank": 2, "train_text_encoder": True, "ema.decay": 0.0}
+    extra = {"lora.rank": 2, "ema.decay": 0.0}
     seen = []
     time_ids = train_module.training.sdxl_time_ids
 
@@ -74,7 +73,8 @@ def test_lora_on_the_unet_and_both_text_encoders_resumes_exactly_after_a_kill(tm
     assert any(row[2] + row[3] > 0 for _, ids in seen for row in ids)  # a random crop off the corner
 
     expected, expected_losses = checkpoint_state(run, 2), losses(run)
-    assert any("text_encoder_2" in k for k in expected) and len(expected_losses) == 2  # te2's adapters train
+    assert any("unet" in k for k in expected) and not any("text_encoder" in k for k in expected)
+    assert len(expected_losses) == 2
     shutil.rmtree(run / "checkpoints" / "2")
     resumed = train_module.main(sdxl_config(run, data, model, **extra))
     assert resumed["step"] == 2 and losses(run) == expected_losses
