@@ -410,14 +410,15 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
     denoising_end / denoising_start: SDXL's "ensemble of experts" (`sampling.make_plan`): run only the calls above
     the noise fraction `denoising_end` (use output_type="latent") or, from init_latents / init_images as they are
     (no noise added, `strength` unused), only those below `denoising_start`.
-    refiner: a second model (SDXL's refiner) that finishes the run: this model denoises down to `denoising_end`
-    (default 0.8) and hands its latents to `refiner`, which runs the rest of the same schedule with the same
-    prompts, seeds and settings, as diffusers' base + refiner recipe in one call (two compiled programs).
+    refiner: a second model (SDXL's refiner) that finishes a text2img / img2img run: this model denoises down to
+    `denoising_end` (default 0.8) and hands its latents to `refiner`, which runs the rest of the same schedule with
+    the same prompts, seeds and settings, as diffusers' base + refiner recipe in one call (two compiled programs).
     """
     if refiner is not None:
-        if trajectory_every or init_latents is not None or denoising_start is not None:
-            raise ValueError("refiner= runs text2img / img2img / inpainting with this model and finishes with the "
-                             "refiner; give no init_latents, denoising_start or trajectory_every with it")
+        if trajectory_every or init_latents is not None or denoising_start is not None or masks is not None:
+            raise ValueError("refiner= runs text2img or img2img with this model and finishes with the refiner; give "
+                             "no masks (the refiner would repaint outside them: inpaint with one model), "
+                             "init_latents, denoising_start or trajectory_every with it")
         shared = dict(negative_prompts=negative_prompts, seed=seed, indices=indices, seeds=seeds,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, sampler=sampler, scheduler_overrides=scheduler_overrides,
@@ -427,7 +428,7 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
                       negative_crops_coords_top_left=negative_crops_coords_top_left,
                       aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
         split = 0.8 if denoising_end is None else denoising_end
-        latents = generate(pipe, prompts, init_images=init_images, masks=masks, strength=strength,
+        latents = generate(pipe, prompts, init_images=init_images, strength=strength,
                            target_size=target_size, negative_target_size=negative_target_size,
                            output_type="latent", denoising_end=split, **shared)
         return generate(refiner, prompts, init_latents=latents, denoising_start=split, output_type=output_type,

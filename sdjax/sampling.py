@@ -72,7 +72,10 @@ def make_plan(scheduler_config: dict, num_inference_steps: int, *, strength: flo
         if value is not None and not 0.0 < value < 1.0:
             raise ValueError(f"{name}={value}: give a fraction of the noise range strictly between 0 and 1")
     n, calls = sched.num_inference_steps, len(sched.timesteps)
-    cutoff = lambda d: int(round(config["num_train_timesteps"] * (1.0 - d)))  # noqa: E731
+
+    def cutoff(fraction: float) -> int:  # the first training timestep below the split, as diffusers rounds it
+        return int(round(config["num_train_timesteps"] * (1.0 - fraction)))
+
     if denoising_start is None:
         begin = max(n - min(int(n * strength), n), 0) * sched.order
     else:

@@ -270,6 +270,8 @@ def test_inpainting_unet_matches_diffusers(folders, torch_pipes, monkeypatch):
     kw = dict(num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE)
     ours = pipe.inpaint(PROMPTS[:1], [image], [mask], **kw)
     assert ours.std() > 5
+    with pytest.raises(ValueError, match="give no masks .the refiner would repaint outside them"):
+        pipe.inpaint(PROMPTS[:1], [image], [mask], refiner=pipe, **kw)
     noise, _ = pipeline.initial_noise(np.zeros(1), np.arange(1), (SIZE // 2, SIZE // 2, 4))
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **k: torch.from_numpy(
         np.asarray(noise).transpose(0, 3, 1, 2).copy()))
