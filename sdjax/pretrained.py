@@ -23,7 +23,7 @@ from sdjax import initializers, sdxl, variants
 from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from sdjax.clip import CLIPTextConfig, CLIPTextEncoder, strip_text_model_prefix
 from sdjax.pipeline import StableDiffusion
-from sdjax.tokenizer import default_tokenizer, has_tokenizer_files, load_tokenizer
+from sdjax.tokenizer import family_tokenizer, has_tokenizer_files, load_tokenizer
 from sdjax.unet import UNet2DConditionModel, UNetConfig
 from sdjax.weights import diffusers_folder as df
 from sdjax.weights import single_file
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _TEXT_ENCODER_BUFFERS = ("position_ids",)
-_PAD_IDS = {"sd1": 49407, "sd2": 0}  # SD 1.x pads prompts with <|endoftext|>, SD 2.x with "!"
 
 
 def abstract_module(cls, config, **kwargs):
@@ -113,8 +112,6 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
                      f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
 
 
-
-
 def _present(index: dict, part: str) -> bool:
     """Whether model_index.json names a component (SDXL's refiner lists "text_encoder": [null, null])."""
     entry = index.get(part)
@@ -154,7 +151,7 @@ def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
                 tokenizers[part] = load_tokenizer(folder)
             else:
                 log.warning("%s has no %s/ files; using the built-in CLIP tokenizer", path, folder.name)
-                tokenizers[part] = default_tokenizer(pad_token_id=_PAD_IDS[text_cfgs[part].family])
+                tokenizers[part] = family_tokenizer(text_cfgs[part].family)
         unet, vae = unet(), vae()
         encoders = {part: done() for part, done in encoders.items()}
     sched_file = path / "scheduler" / "scheduler_config.json"
@@ -199,8 +196,7 @@ def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> S
             text_cfg = CLIPTextConfig.from_transformers(config)
             encoders[part] = _submit(pool, CLIPTextEncoder, text_cfg, strip_text_model_prefix(text_sd),
                                      what=f"{path} ({part.replace('_', ' ')})", ignore=_TEXT_ENCODER_BUFFERS, **kwargs)
-            # SD 2.x and SDXL's bigG (OpenCLIP) pad with "!", CLIP ViT-L with <|endoftext|>
-            tokenizers[part] = default_tokenizer(pad_token_id=_PAD_IDS[text_cfg.family])
+            tokenizers[part] = family_tokenizer(text_cfg.family)
         unet, vae = unet(), vae()
         encoders = {part: done() for part, done in encoders.items()}
     scheduler_config = copy.deepcopy(saved.get("scheduler") or variants.SCHEDULERS[info.family])
@@ -209,9 +205,7 @@ def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> S
                     "Pass prediction_type='epsilon' for SD 2.x 512-base models.", path)
     options = {}
     if info.family == "sdxl":  # as diffusers' SDXL base and refiner pipelines are configured
-        refiner = "text_encoder" not in encoders
-        options = saved.get("options") or {"force_zeros_for_empty_prompt": not refiner,
-                                           "requires_aesthetics_score": refiner}
+        options = saved.get("options") or sdxl.options(refiner="text_encoder" not in encoders)
     return StableDiffusion(encoders.get("text_encoder"), unet, vae, tokenizers.get("text_encoder"), scheduler_config,
                            text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=tokenizers.get("text_encoder_2"),
                            options=options)

@@ -1,7 +1,7 @@
 """SDXL's conditioning in one place: both text encoders' context and pooled embedding for tokenized prompts
-(`encode`, the pipeline's and train.py's), the size ids the UNet adds to its time embedding (`time_ids`, the
-pipeline's micro-conditioning arguments as diffusers builds them), and the pipeline options SDXL's model_index.json
-carries (`OPTIONS`)."""
+(`encode`, the pipeline's and train.py's), the size ids the UNet adds to its time embedding (`size_ids`: how many;
+`time_ids`: the pipeline's micro-conditioning arguments as diffusers builds them), and the pipeline options SDXL's
+model_index.json carries (`options`)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -10,8 +10,26 @@ import numpy as np
 from sdjax.clip import sdxl_conditioning
 from sdjax.prompts import apply_emphasis
 
-# model_index.json settings of SDXL's pipelines (StableDiffusion.options), with diffusers' defaults for the base
-OPTIONS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
+
+
+def options(refiner: bool) -> dict:
+    """The model_index.json settings (StableDiffusion.options) of diffusers' SDXL base or refiner pipeline."""
+    return {"force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner}
+
+
+OPTIONS = options(refiner=False)  # the defaults of a model_index.json that leaves them out
+
+
+def size_ids(unet_config, pooled_width: int) -> int:
+    """The size ids an SDXL UNet adds beside the pooled text embedding: 6 (base: original size, crop, target size)
+    or 5 (refiner: the aesthetic score in place of the target size)."""
+    c = unet_config
+    n, left = divmod(c.projection_class_embeddings_input_dim - pooled_width, c.addition_time_embed_dim)
+    if left:
+        raise ValueError(f"this SDXL UNet's added conditioning ({c.projection_class_embeddings_input_dim} features) "
+                         f"is not the pooled embedding ({pooled_width}) + whole size ids of "
+                         f"{c.addition_time_embed_dim}")
+    return n
 
 
 def encode(encoders, ids, weights, *, clip_skip: int = 0, normalize: bool = True):
@@ -39,9 +57,7 @@ def time_ids(pipe, B: int, height: int, width: int, original_size, crops, target
              negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score) -> np.ndarray:
     """(B, 2, n) float32: the negative's and the prompt's size ids, as diffusers' _get_add_time_ids builds them:
     original size + crop top-left + target size (base, 6), or + aesthetic score (refiner, 5)."""
-    c = pipe.unet.config
-    pooled = pipe.text_encoder_2.config.projection_dim
-    n = (c.projection_class_embeddings_input_dim - pooled) // c.addition_time_embed_dim
+    n = size_ids(pipe.unet.config, pipe.text_encoder_2.config.projection_dim)
     original = tuple(original_size or (height, width))
     target = tuple(target_size or (height, width))
     if n == 6:

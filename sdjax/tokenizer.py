@@ -265,6 +265,16 @@ def _builtin_pad_id(folder: Path) -> int | None:
     return vocab[pad]
 
 
+# The pad token each text encoder family was trained with: OpenAI CLIP ViT-L (SD 1.x, SDXL's first encoder) pads with
+# <|endoftext|>, OpenCLIP (SD 2.x, SDXL's ViT-bigG; CLIPTextConfig.family "sd2") with "!" (id 0).
+PAD_IDS = {"sd1": EOS_ID, "sd2": 0}
+
+
+def family_tokenizer(family: str) -> CLIPTokenizer:
+    """The built-in tokenizer, padding as a text encoder of `family` (`sdjax.clip.CLIPTextConfig.family`) expects."""
+    return default_tokenizer(pad_token_id=PAD_IDS[family])
+
+
 def default_tokenizer(pad_token_id: int = EOS_ID) -> CLIPTokenizer:
     """The built-in CLIP tokenizer (no files needed): instant_clip_tokenizer with transformers' cleanup.
 

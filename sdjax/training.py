@@ -488,7 +488,6 @@ def build_models(cfg) -> Models:
     """
     from sdjax import pretrained, variants
     from sdjax.checkpoint import find_vae_folder, load_vae
-    from sdjax.tokenizer import default_tokenizer
 
     m = cfg.model
     kwargs = dict(dtype=_dtype(m.dtype, "model.dtype"), param_dtype=_dtype(m.param_dtype, "model.param_dtype"),
@@ -515,9 +514,7 @@ def build_models(cfg) -> Models:
         if m.init_from:
             find_vae_folder(m.init_from)  # a clear error when it is neither a pipeline nor a VAE
             loaded_modules["vae"] = load_vae(m.init_from, **kwargs)
-        tokenizers = {name: default_tokenizer(pad_token_id=pretrained._PAD_IDS[config.family])
-                      for name, config in (("text_encoder", variant.text_encoder),
-                                           ("text_encoder_2", variant.text_encoder_2)) if config is not None}
+        tokenizers = variant.tokenizers()
         tokenizer, tokenizer_2 = tokenizers.get("text_encoder"), tokenizers.get("text_encoder_2")
         scheduler_config, options = dict(variant.scheduler), dict(variant.options)
         abstract, init_plan = variant.plan([name for name in names if name not in loaded_modules], **kwargs)
@@ -527,8 +524,9 @@ def build_models(cfg) -> Models:
     if "unet" in modules:
         modules["unet"].remat = bool(m.remat)  # static: part of the graphdef
     if "text_encoder_2" in modules:  # SDXL: the batches carry the base's 6 size ids
-        c, pooled = modules["unet"].config, modules["text_encoder_2"].config.projection_dim
-        if c.projection_class_embeddings_input_dim - pooled != 6 * c.addition_time_embed_dim:
+        from sdjax import sdxl
+
+        if sdxl.size_ids(modules["unet"].config, modules["text_encoder_2"].config.projection_dim) != 6:
             raise ValueError("this SDXL UNet conditions on the refiner's aesthetic score (5 ids): train.py fine-tunes "
                              "SDXL base models (original size, crop and target size); give the base as "
                              "model.init_from")

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax import autoencoder, clip, initializers, unet
+from sdjax import autoencoder, clip, initializers, sdxl, unet
 
 MODULES = ("text_encoder", "unet", "vae")  # a variant's modules, in the order `build` creates them (SDXL: then
 # text_encoder_2; its refiner has no text_encoder)
@@ -71,16 +71,22 @@ class Variant:
 
     def pipeline(self, *, seed: int = 0, **kwargs):
         """`build` as a `StableDiffusion` with the built-in tokenizers (random weights: demos, benchmarks)."""
-        from sdjax import pipeline, tokenizer
+        from sdjax import pipeline
 
         built = dict(zip(self.modules, self.build(seed=seed, **kwargs)))
-        tokenizers = {name: tokenizer.default_tokenizer(pad_token_id=0 if config.family == "sd2" else 49407)
-                      for name, config in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
-                      if config is not None}
+        tokenizers = self.tokenizers()
         return pipeline.StableDiffusion(built.get("text_encoder"), built["unet"], built["vae"],
                                         tokenizers.get("text_encoder"), dict(self.scheduler),
                                         text_encoder_2=built.get("text_encoder_2"),
                                         tokenizer_2=tokenizers.get("text_encoder_2"), options=dict(self.options))
+
+    def tokenizers(self) -> dict:
+        """{"text_encoder": ..., "text_encoder_2": ...}: the built-in tokenizer for each text encoder the variant has,
+        padding as its family does."""
+        from sdjax.tokenizer import family_tokenizer
+
+        return {name: family_tokenizer(config.family) for name, config in
+                (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)) if config is not None}
 
     def plan(self, names: tuple[str, ...] = None, **kwargs):
         """({name: module with jax.ShapeDtypeStruct parameters} for `names` (default: all the variant has), the
@@ -107,6 +113,7 @@ class Variant:
 
 
 _SDXL_VAE = dataclasses.replace(autoencoder.VARIANTS["sd"], scaling_factor=0.13025, sample_size=1024)
+_SDXL_BASE_OPTIONS = tuple(sdxl.options(refiner=False).items())
 
 VARIANTS = {
     "sd15": Variant(clip.VARIANTS["sd15"], unet.VARIANTS["sd15"], autoencoder.VARIANTS["sd"], SCHEDULERS["sd1"]),
@@ -121,17 +128,14 @@ VARIANTS = {
     "shapes": Variant(clip.VARIANTS["shapes"], unet.VARIANTS["shapes"], autoencoder.VARIANTS["shapes"],
                       dict(SCHEDULERS["sd2"], rescale_betas_zero_snr=True, timestep_spacing="trailing")),
     "sdxl": Variant(clip.VARIANTS["sd15"], unet.VARIANTS["sdxl"], _SDXL_VAE, SCHEDULERS["sdxl"],
-                    clip.VARIANTS["sdxl_g"], (("force_zeros_for_empty_prompt", True),
-                                              ("requires_aesthetics_score", False))),
+                    clip.VARIANTS["sdxl_g"], _SDXL_BASE_OPTIONS),
     "sdxl_refiner": Variant(None, unet.VARIANTS["sdxl_refiner"], _SDXL_VAE, SCHEDULERS["sdxl"],
-                            clip.VARIANTS["sdxl_g"], (("force_zeros_for_empty_prompt", False),
-                                                      ("requires_aesthetics_score", True))),
+                            clip.VARIANTS["sdxl_g"], tuple(sdxl.options(refiner=True).items())),
     # tiny's 32-wide ViT-L stand-in + tiny_sdxl_g's 64 (projection 48): 96-wide context, 48 + 6 x 8 added features
     "tiny_sdxl": Variant(clip.VARIANTS["tiny"], dataclasses.replace(unet.VARIANTS["tiny_sdxl"], cross_attention_dim=96,
                                                                     projection_class_embeddings_input_dim=48 + 6 * 8),
                          dataclasses.replace(autoencoder.VARIANTS["tiny"], scaling_factor=0.13025), SCHEDULERS["sdxl"],
-                         clip.VARIANTS["tiny_sdxl_g"], (("force_zeros_for_empty_prompt", True),
-                                                        ("requires_aesthetics_score", False))),
+                         clip.VARIANTS["tiny_sdxl_g"], _SDXL_BASE_OPTIONS),
 }
 
 

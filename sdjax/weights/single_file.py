@@ -188,8 +188,8 @@ def _transformer_depths(sd, attention: list[bool], per_level: int) -> int | tupl
     mid = depth("middle_block.1")
     levels = [depth(f"input_blocks.{1 + level * (per_level + 1)}.1") if has else None
               for level, has in enumerate(attention)]
-    found = {depth(f"{m.group(1)}.1") for k in sd if (m := re.match(re.escape(U) + r"((?:in|out)put_blocks\.\d+)\.1"
-                                                                                   r"\.transformer_blocks\.0\.norm1", k))}
+    attention_block = re.compile(re.escape(U) + r"((?:in|out)put_blocks\.\d+)\.1\.transformer_blocks\.0\.norm1")
+    found = {depth(f"{m.group(1)}.1") for k in sd if (m := attention_block.match(k))}
     if not found <= {d for d in levels if d} | {mid}:
         raise ValueError(f"unsupported UNet layout: transformer depths {sorted(found)} do not follow the levels' "
                          f"{levels}")
@@ -235,10 +235,6 @@ def _detect_text(sd, family, prefix: str | None = None, field: str = "text"):
     return {f"{field}_{k}": v for k, v in out.items()}
 
 
-_NO_TEXT = {f"text_{k}": 0 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                     "max_positions")}
-
-
 def _detect_sdxl(sd) -> SingleFileInfo:
     """An SDXL base (ViT-L and bigG) or refiner (bigG alone) file."""
     has_clip_l = L.SDXL_CLIP + "embeddings.token_embedding.weight" in sd
@@ -251,7 +247,7 @@ def _detect_sdxl(sd) -> SingleFileInfo:
         raise ValueError(f"not an SDXL single file sdjax knows: no {', '.join(missing)} (looked for "
                          f"{', '.join(required.values())}); found {_summary(sd)}")
     try:
-        text = _detect_text(sd, "sdxl", L.SDXL_CLIP) if has_clip_l else _NO_TEXT
+        text = _detect_text(sd, "sdxl", L.SDXL_CLIP) if has_clip_l else _text_fields(None, "text")
         info = SingleFileInfo(family="sdxl", **_detect_unet(sd, "sdxl"), **_detect_vae(sd), **text,
                               **_detect_text(sd, "sdxl", bigg, "text2"))
     except KeyError as e:
@@ -300,16 +296,26 @@ def detect(sd: dict[str, np.ndarray]) -> SingleFileInfo:
     return info
 
 
+# SingleFileInfo's text_* / text2_* numbers and the transformers CLIPTextConfig fields they are
+_TEXT_CONFIG_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                     "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                     "max_positions": "max_position_embeddings"}
+
+
 def _text_fields(config: dict | None, field: str) -> dict:
-    if config is None:
-        return {f"{field}_{k}": 0 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                            "num_heads", "max_positions")}
-    out = {"vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"],
-           "intermediate_size": config["intermediate_size"], "num_layers": config["num_hidden_layers"],
-           "num_heads": config["num_attention_heads"], "max_positions": config["max_position_embeddings"]}
-    if field == "text2":
-        out["projection_dim"] = config["projection_dim"]
-    return {f"{field}_{k}": v for k, v in out.items()}
+    """The `field`_* numbers of a text encoder's config.json (all 0 for none: SDXL's refiner has no first encoder)."""
+    keys = dict(_TEXT_CONFIG_KEYS, **({"projection_dim": "projection_dim"} if field == "text2" else {}))
+    return {f"{field}_{k}": config[v] if config is not None else 0 for k, v in keys.items()}
+
+
+def _clip_config(info: SingleFileInfo, field: str, *, architecture: str, hidden_act: str, projection_dim: int) -> dict:
+    """transformers' config.json of the text encoder whose numbers are info's `field`_* (token ids as in the released
+    SD configs)."""
+    return {"architectures": [architecture], "model_type": "clip_text_model", "attention_dropout": 0.0,
+            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "hidden_act": hidden_act,
+            "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-5,
+            "projection_dim": projection_dim,
+            **{v: getattr(info, f"{field}_{k}") for k, v in _TEXT_CONFIG_KEYS.items()}}
 
 
 def info_from_configs(unet_config: dict, vae_config: dict, text_config: dict | None,
@@ -393,31 +399,16 @@ def text_config_dict(info: SingleFileInfo) -> dict | None:
     None for SDXL's refiner, which has no first text encoder."""
     if not info.text_num_layers:
         return None
-    return {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0,
-        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "hidden_act": _ACT[info.family],
-        "hidden_size": info.text_hidden_size, "initializer_factor": 1.0, "initializer_range": 0.02,
-        "intermediate_size": info.text_intermediate_size, "layer_norm_eps": 1e-5,
-        "max_position_embeddings": info.text_max_positions, "num_attention_heads": info.text_num_heads,
-        "num_hidden_layers": info.text_num_layers,
-        "projection_dim": 512 if info.family == "sd2" else info.text_hidden_size,
-        "vocab_size": info.text_vocab_size,
-    }
+    return _clip_config(info, "text", architecture="CLIPTextModel", hidden_act=_ACT[info.family],
+                        projection_dim=512 if info.family == "sd2" else info.text_hidden_size)
 
 
 def text2_config_dict(info: SingleFileInfo) -> dict | None:
     """transformers CLIPTextModelWithProjection config.json of SDXL's OpenCLIP ViT-bigG (None for SD 1.x / 2.x)."""
     if info.family != "sdxl":
         return None
-    return {
-        "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "attention_dropout": 0.0,
-        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "hidden_act": "gelu",
-        "hidden_size": info.text2_hidden_size, "initializer_factor": 1.0, "initializer_range": 0.02,
-        "intermediate_size": info.text2_intermediate_size, "layer_norm_eps": 1e-5,
-        "max_position_embeddings": info.text2_max_positions, "num_attention_heads": info.text2_num_heads,
-        "num_hidden_layers": info.text2_num_layers, "projection_dim": info.text2_projection_dim,
-        "vocab_size": info.text2_vocab_size,
-    }
+    return _clip_config(info, "text2", architecture="CLIPTextModelWithProjection", hidden_act="gelu",
+                        projection_dim=info.text2_projection_dim)
 
 
 def _jsonable(value):
