@@ -85,7 +85,8 @@ def unet_layout(info) -> list[Entry]:
     for ldm, diffusers in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
                            ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")):
         out += _pair("unet", UNET + ldm, diffusers)
-    if getattr(info, "addition_embed_dim", 0):  # SDXL: the pooled text embedding + size ids
+    # SDXL (a SingleFileInfo's addition_embed_dim, a UNetConfig's text_time): the pooled text embedding + size ids
+    if getattr(info, "addition_embed_dim", 0) or getattr(info, "addition_embed_type", None) == "text_time":
         out += _pair("unet", UNET + "label_emb.0.0", "add_embedding.linear_1")
         out += _pair("unet", UNET + "label_emb.0.2", "add_embedding.linear_2")
     skips, c_in = [ch[0]], ch[0]  # channels of every input block, popped by the output blocks
@@ -122,16 +123,8 @@ def unet_layout(info) -> list[Entry]:
 def unet_module_paths(config) -> dict[str, str]:
     """{original (ldm / sgm) module path: diffusers module path} of every UNet layer with weights, for a UNet config
     (sdjax's UNetConfig or a SingleFileInfo): the names kohya's SDXL LoRA files use."""
-    from types import SimpleNamespace
-
-    added = getattr(config, "addition_embed_dim", None)
-    if added is None:
-        added = config.projection_class_embeddings_input_dim if config.addition_embed_type == "text_time" else 0
-    info = SimpleNamespace(block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
-                           transformer_layers_per_block=config.transformer_layers_per_block,
-                           down_block_types=config.down_block_types, addition_embed_dim=added)
     out = {}
-    for e in unet_layout(info):
+    for e in unet_layout(config):
         out[e.ldm[len(UNET):].rsplit(".", 1)[0]] = e.diffusers[0].rsplit(".", 1)[0]
     return out
 
