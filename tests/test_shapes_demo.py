@@ -21,26 +21,27 @@ from sdjax.weights import diffusers_folder
 from sdjax.weights.safetensors_io import read_safetensors
 from tests.test_train_script import ROOT, cache_dir, losses, run_env, train  # noqa: F401 (fixture)
 
-# 32 px; stage 2 caches the latents of 320 shapes (the 40 steps' 320 images), not the config's 10,000
+# 32 px; stage 2 caches the latents of 192 shapes (its 24 steps of 8), not the config's 10,000
 SMALL = ["--config.data.shapes_size=32", "--config.data.resolution=32", "--config.checkpoint.every=0",
-         "--config.data.shapes_length=320"]
+         "--config.data.shapes_length=192"]
 
 
 def test_shrunken_demo_learns_samples_and_evaluates(tmp_path, cache_dir):  # noqa: F811
     env = run_env(cache_dir)
     train(tmp_path / "vae", *SMALL, "--config.num_steps=3", "--config.batch_size=4", "--config.export.formats=('vae',)",
           config="shapes_vae", env=env)
-    train(tmp_path / "ldm", *SMALL, f"--config.model.init_from={tmp_path / 'vae'}", "--config.num_steps=40",
-          "--config.batch_size=8", "--config.preview_every=40", "--config.preview.num_inference_steps=2",
+    train(tmp_path / "ldm", *SMALL, f"--config.model.init_from={tmp_path / 'vae'}", "--config.num_steps=24",
+          "--config.batch_size=8", "--config.preview_every=24", "--config.preview.num_inference_steps=2",
           "--config.optimizer.warmup_steps=5", "--config.export.formats=('diffusers',)", config="shapes", env=env)
     vae_config = diffusers_folder.read_json(tmp_path / "vae" / "export" / "vae" / "config.json")
     assert vae_config["_class_name"] == "AutoencoderKL"
     assert vae_config["scaling_factor"] != variants.get("shapes").vae.scaling_factor  # measured by the export
     loss = losses(tmp_path / "ldm")
-    assert sorted(loss) == list(range(1, 41))
-    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(31, 41)])
+    assert sorted(loss) == list(range(1, 25))
+    # the mean loss of the last 10 steps against the first 10 (measured: 0.71; 0.68 after 40 steps)
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(15, 25)])
     assert last < 0.8 * first, (first, last)
-    assert (tmp_path / "ldm" / "previews" / "step_0000040.png").exists()
+    assert (tmp_path / "ldm" / "previews" / "step_0000024.png").exists()
     assert list((tmp_path / "ldm" / "tensorboard").iterdir())
     export = tmp_path / "ldm" / "export"
     pipe = sdjax.load_pretrained(export)
