@@ -24,11 +24,26 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
+if __name__ == "__main__":  # the command line is checked before jax and the models load: a typo fails at once
+    from absl import app
+    from ml_collections import config_flags
 
-from sdjax import checkpoint, latent_cache, lora, lora_training, prompts, sharding, training
-from sdjax.data import preprocess
+    from sdjax import cli
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
+                                              lock_config=True)
+    app.define_help_flags()  # --help, as app.run would
+    _ARGV = cli.parse(sys.argv, prog="train.py")
+    if len(_ARGV) > 1:
+        cli.fail("train.py", f"unexpected arguments {_ARGV[1:]}; settings go in --config.FIELD=VALUE")
+    if _CONFIG.value is None:
+        cli.fail("train.py", "--config=configs/NAME.py is required")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sdjax import checkpoint, latent_cache, lora, lora_training, prompts, sharding, training  # noqa: E402
+from sdjax.data import preprocess  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -427,19 +442,7 @@ def main(config, *, sample_fn=None) -> dict:
 
 
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
-
-    from sdjax import cli
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
-                                              lock_config=True)
-
     def _run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
-        if _CONFIG.value is None:
-            raise app.UsageError("--config=configs/NAME.py is required")
         logging.getLogger().setLevel(logging.INFO)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
         try:
@@ -457,4 +460,4 @@ if __name__ == "__main__":
                   + (f"; LoRA in {result['lora']}" if result["lora"] else "")
                   + (f"; model exported to {result['export']}" if result["export"] and not result["preempted"] else ""))
 
-    cli.run(_run, prog="train.py")
+    cli.run(_run, prog="train.py", parsed=_ARGV)

@@ -35,18 +35,24 @@ def one_line(message) -> str:
     return "; ".join(lines)
 
 
-def run(main, *, prog: str, config_flag: str = "config") -> None:
-    """absl's `app.run(main)` with settings errors (flag parsing, `app.UsageError`) turned into `fail`."""
-    from absl import app, flags
+def parse(argv: list[str], *, prog: str, config_flag: str = "config") -> list[str]:
+    """absl's flag parsing of `argv` with its errors (ml_collections' too) turned into `fail`; returns the
+    arguments left over. A script calls it before its heavy imports to report a mistyped setting in a blink."""
+    from absl import flags
 
-    def parse(argv):
-        try:
-            rest = flags.FLAGS(argv)
-            if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:
-                flags.FLAGS[config_flag].value.keys()  # ml_collections defers a config file's load error to here
-            return rest
-        except Exception as e:  # absl's flags.Error, ml_collections' AttributeError / KeyError / TypeError / OSError
-            fail(prog, explain_flag_error(argv, e, config_flag))
+    try:
+        rest = flags.FLAGS(argv)
+        if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:
+            flags.FLAGS[config_flag].value.keys()  # ml_collections defers a config file's load error to here
+        return rest
+    except Exception as e:  # absl's flags.Error, ml_collections' AttributeError / KeyError / TypeError / OSError
+        fail(prog, explain_flag_error(argv, e, config_flag))
+
+
+def run(main, *, prog: str, config_flag: str = "config", parsed: list[str] | None = None) -> None:
+    """absl's `app.run(main)` with settings errors (flag parsing, `app.UsageError`) turned into `fail`; `parsed`:
+    what `parse` returned when the script parsed its flags already."""
+    from absl import app
 
     def checked_main(argv):
         try:
@@ -54,7 +60,8 @@ def run(main, *, prog: str, config_flag: str = "config") -> None:
         except app.UsageError as e:
             fail(prog, str(e))
 
-    app.run(checked_main, flags_parser=parse)
+    app.run(checked_main, flags_parser=(lambda argv: parsed) if parsed is not None else
+            (lambda argv: parse(argv, prog=prog, config_flag=config_flag)))
 
 
 def explain_flag_error(argv: list[str], error: Exception, config_flag: str = "config") -> str:
