@@ -4,6 +4,7 @@ files loaded and written both ways; text2img, img2img, inpainting and the base -
 noise. (The UNet's added conditioning: tests/test_unet.py.)"""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax.numpy as jnp
@@ -163,6 +164,7 @@ def test_folders_and_single_files_load_and_save_both_ways(folders, torch_pipes, 
         assert rel_err(a, b) <= 1e-4
 
 
+SAMPLER = "DPM++ 2M Karras"
 NEGATIVE_MICRO = dict(negative_original_size=(16, 16), negative_crops_coords_top_left=(0, 4),
                       negative_target_size=(24, 24))
 
@@ -172,29 +174,47 @@ NEGATIVE_MICRO = dict(negative_original_size=(16, 16), negative_crops_coords_top
 @pytest.mark.parametrize("batch, negative, micro", [
     (1, ["lowres, ugly"], dict(original_size=(64, 48), crops_coords_top_left=(8, 0), **NEGATIVE_MICRO))])
 def test_text2img_matches_diffusers(folders, torch_pipes, batch, negative, micro):
-    """SDXL base text2img (Euler, CFG 5) with negative prompts and micro-conditioning (original size, crop, the
-    negative's own sizes): both condition alike, every pixel within 1/255 of diffusers' on the same noise. (Without a
-    negative prompt both use zeros as the unconditional context, force_zeros_for_empty_prompt: the hand-off and
-    inpainting tests.)"""
+    """SDXL base text2img (DPM++ 2M Karras, CFG 5 with guidance rescale 0.7) with negative prompts and
+    micro-conditioning (original size, crop, the negative's own sizes): both condition alike, every pixel within
+    1/255 of diffusers' on the same noise. (Without a negative prompt both use zeros as the unconditional context,
+    force_zeros_for_empty_prompt: the hand-off and inpainting tests, with Euler; the refiner's img2img: UniPC.)"""
     import sdjax
     from sdjax import pipeline
 
     pipe = sdjax.load_pretrained(folders["base"])
-    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, guidance_rescale=0.7, height=SIZE, width=SIZE)
     prompts = PROMPTS[:batch]
-    ours = pipe.text2img(prompts, negative_prompts=negative, seed=0, **kw, **micro)
+    ours = pipe.text2img(prompts, negative_prompts=negative, seed=0, sampler=SAMPLER, **kw, **micro)
     assert ours.shape == (batch, SIZE, SIZE, 3) and ours.std() > 5
     noise, _ = pipeline.initial_noise(np.zeros(batch), np.arange(batch), (SIZE // 2, SIZE // 2, 4))
     latents = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy())
-    theirs = torch_pipes["base"](prompts, negative_prompt=negative, latents=latents, output_type="np", **kw,
-                                 **micro).images
+    with with_sampler(torch_pipes["base"], pipe, SAMPLER) as reference:
+        theirs = reference(prompts, negative_prompt=negative, latents=latents, output_type="np", **kw,
+                           **micro).images
     agree(ours, theirs)
     if micro:  # the micro-conditioning changes the image
-        assert np.abs(ours.astype(int) - pipe.text2img(prompts, negative_prompts=negative, seed=0, **kw)).max() > 8
+        assert np.abs(ours.astype(int) - pipe.text2img(prompts, negative_prompts=negative, seed=0, sampler=SAMPLER,
+                                                       **kw)).max() > 8
+
+
+@contextlib.contextmanager
+def with_sampler(reference, pipe, sampler: str):
+    """The diffusers pipeline `reference` with the scheduler sdjax's `sampler` names (on pipe's schedule) for the
+    block; its own scheduler after."""
+    import diffusers
+
+    from sdjax import schedulers
+
+    config = schedulers.scheduler_config_for(pipe.scheduler_config, sampler)
+    own, reference.scheduler = reference.scheduler, getattr(diffusers, config["_class_name"]).from_config(config)
+    try:
+        yield reference
+    finally:
+        reference.scheduler = own
 
 
 def test_refiner_img2img_matches_diffusers(folders, torch_pipes, monkeypatch):
-    """The refiner's img2img (strength 0.6, Euler, CFG 5) against diffusers' StableDiffusionXLImg2ImgPipeline, batch
+    """The refiner's img2img (strength 0.6, UniPC, CFG 5) against diffusers' StableDiffusionXLImg2ImgPipeline, batch
     1 (see above): its 5 size ids (aesthetic score 6, the negative's 2.5), the bigG context alone, the image encoded
     with SDXL's scaling factor. (The base's img2img runs the same code with text2img's conditioning.) Measured on
     both: within 1/255."""
@@ -207,15 +227,15 @@ def test_refiner_img2img_matches_diffusers(folders, torch_pipes, monkeypatch):
     pipe = sdjax.load_pretrained(folders["refiner"])
     image = init_image()
     kw = dict(strength=0.6, num_inference_steps=4, guidance_scale=5.0)
-    ours = pipe.img2img(PROMPTS[:1], [image], height=SIZE, width=SIZE, **kw)
+    ours = pipe.img2img(PROMPTS[:1], [image], height=SIZE, width=SIZE, sampler="UniPC", **kw)
     assert ours.std() > 5
-    reference = torch_pipes["refiner"]
     noise, _ = pipeline.initial_noise(np.zeros(1), np.arange(1), (SIZE // 2, SIZE // 2, 4))
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **k: torch.from_numpy(
         np.asarray(noise).transpose(0, 3, 1, 2).copy()))
     monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
                         out.latent_dist.mode())  # sdjax encodes with the posterior mean
-    theirs = reference(PROMPTS[:1], image=Image.fromarray(image), output_type="np", **kw).images
+    with with_sampler(torch_pipes["refiner"], pipe, "UniPC") as reference:
+        theirs = reference(PROMPTS[:1], image=Image.fromarray(image), output_type="np", **kw).images
     agree(ours, theirs)
 
 
