@@ -411,12 +411,9 @@ def load_model(config):
         raise ConfigError(f"--config.embeddings: two files give the name {twice[0]!r} (a file's name is its stem, or "
                           "a diffusers file's token): rename one")
     pipe = _load_model(config)
-    if embeddings and pipe.family == "sdxl":
-        raise ConfigError("--config.embeddings: SDXL embeddings hold a vector for each of its two text encoders "
-                          "(clip_l / clip_g), which sdjax does not load yet; drop --config.embeddings for this model")
     for embedding in embeddings:
         try:
-            textual_inversion.add_embedding(pipe.tokenizer, pipe.text_encoder, embedding)
+            textual_inversion.add_to_pipeline(pipe, embedding)
         except ValueError as e:
             raise ConfigError(f"--config.embeddings: {one_line(e)}") from None
     return pipe

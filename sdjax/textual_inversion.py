@@ -11,10 +11,14 @@ The files in circulation, and the name a prompt uses for each unless `token=` gi
     diffusers            learned_embeds.safetensors / .bin: {token: (D,) or (n, D)}            its token
     a bare tensor .pt    torch.save(tensor)                                                    the file's stem
     a folder             holding learned_embeds.safetensors (or .bin), as diffusers reads one  its token
+    SDXL .safetensors    {"clip_l": (n, 768), "clip_g": (n, 1280)}                             the file's stem
 
 The stem is A1111's rule (A1111 names every embedding after its file, so renaming the file renames it);
 diffusers takes a .pt's `name` field and an A1111 .safetensors' one key ("emb_params"), so there pass `token=`.
-D is the text encoder's width: 768 for SD 1.x, 1024 for SD 2.x; another width is an error naming both.
+D is the text encoder's width: 768 for SD 1.x, 1024 for SD 2.x; another width is an error naming both. An SDXL
+embedding holds the same n tokens for each of SDXL's text encoders: clip_l's vectors go to the first (ViT-L),
+clip_g's to the second (ViT-bigG; the refiner has only that one), as diffusers' two load_textual_inversion calls
+(text_encoder_2=, tokenizer_2=) put them; an SD embedding for SDXL, or an SDXL one for SD, is an error.
 
 An embedding of n vectors becomes the tokens name, name_1, ..., name_{n-1} (diffusers' naming), with ids after
 the vocabulary and n new rows of the text encoder's token embedding table; every other token and row stays as it
@@ -38,17 +42,19 @@ from sdjax.weights.safetensors_io import read_safetensors
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 DIFFUSERS_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
-_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL's second text encoder"}
+_FAMILIES = {768: "SD 1.x, or SDXL's clip_l", 1024: "SD 2.x", 1280: "SDXL's clip_g"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Embedding:
-    """One embedding as read from its file: the name prompts use and its float32 (n, D) vectors."""
+    """One embedding as read from its file: the name prompts use and its float32 (n, D) vectors (an SDXL
+    embedding's clip_l vectors; its clip_g vectors in vectors_2)."""
 
     name: str
     vectors: np.ndarray
     path: Path
-    format: str  # "a1111" | "a1111_safetensors" | "diffusers" | "tensor"
+    format: str  # "a1111" | "a1111_safetensors" | "diffusers" | "tensor" | "sdxl"
+    vectors_2: np.ndarray | None = None
 
     @property
     def tokens(self) -> list[str]:
@@ -74,7 +80,13 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embeddi
     data = read_safetensors(path) if suffix == ".safetensors" else read_torch_file(path)
     fmt, file_name, vectors = _parse(path, data)
     name = token if token is not None else (file_name if file_name is not None else path.stem)
-    return Embedding(name, _as_vectors(path, vectors), path, fmt)
+    if fmt != "sdxl":
+        return Embedding(name, _as_vectors(path, vectors), path, fmt)
+    clip_l, clip_g = (_as_vectors(path, v) for v in vectors)
+    if len(clip_l) != len(clip_g):
+        raise ValueError(f"{path}: clip_l holds {len(clip_l)} vectors, clip_g {len(clip_g)}; an SDXL embedding holds "
+                         "the same number for both text encoders")
+    return Embedding(name, clip_l, path, fmt, vectors_2=clip_g)
 
 
 def _parse(path: Path, data) -> tuple[str, str | None, object]:
@@ -91,8 +103,9 @@ def _parse(path: Path, data) -> tuple[str, str | None, object]:
             raise ValueError(f"{path}: its string_to_param holds {terms}; an A1111 embedding holds one term ('*')")
         return "a1111", None, next(iter(params.values()))
     if {"clip_l", "clip_g"} <= set(data):
-        raise ValueError(f"{path} is an SDXL embedding (clip_l + clip_g); sdjax's models are SD 1.x / 2.x, give "
-                         "an embedding made for the model you load")
+        if len(data) != 2:
+            raise ValueError(f"{path}: an SDXL embedding holds clip_l and clip_g alone; found {sorted(data)[:8]}")
+        return "sdxl", None, (data["clip_l"], data["clip_g"])
     arrays = {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
     if len(arrays) != 1:
         raise ValueError(f"{path}: expected one tensor (diffusers' {{token: vectors}}, A1111's emb_params) or "
@@ -114,11 +127,43 @@ def _as_vectors(path: Path, vectors) -> np.ndarray:
     return vectors.astype(np.float32)
 
 
-def add_embedding(tokenizer, text_encoder, embedding: Embedding) -> list[int]:
-    """Add `embedding`'s tokens to `tokenizer` and its vectors as new rows of `text_encoder`'s token embedding
-    table (a new, longer parameter array; `config.vocab_size` follows). Returns the new ids."""
+def add_embedding(tokenizer, text_encoder, embedding: Embedding, vectors: np.ndarray | None = None) -> list[int]:
+    """Add `embedding`'s tokens to `tokenizer` and its vectors (or `vectors`: an SDXL embedding's other set) as new
+    rows of `text_encoder`'s token embedding table (a new, longer parameter array; `config.vocab_size` follows).
+    Returns the new ids."""
+    vectors = embedding.vectors if vectors is None else vectors
+    _check_fits(tokenizer, text_encoder, embedding, vectors)
+    rows, n = len(tokenizer), len(vectors)
+    ids = tokenizer.add_tokens(embedding.tokens)
+    if ids != list(range(rows, rows + n)):
+        raise RuntimeError(f"the tokenizer gave {embedding.tokens} the ids {ids}, expected {rows}..{rows + n - 1}")
+    _grow_token_embedding(text_encoder, vectors)
+    return ids
+
+
+def add_to_pipeline(pipe, embedding: Embedding) -> None:
+    """Add `embedding` to every text encoder of `pipe` (SDXL: clip_l's vectors to the first, clip_g's to the
+    second), after checking that each fits, so that a misfit changes nothing."""
+    sdxl = pipe.family == "sdxl"
+    if sdxl != (embedding.vectors_2 is not None):
+        width = embedding.vectors.shape[1]
+        raise ValueError(f"{embedding.path} is an SDXL embedding (clip_l + clip_g) and this model is SD 1.x / 2.x"
+                         if not sdxl else
+                         f"{embedding.path} is an embedding for one text encoder ({width} wide, "
+                         f"{_FAMILIES.get(width, 'not SDXL')}); this SDXL model needs an SDXL embedding (clip_l and "
+                         "clip_g vectors)")
+    pairs = [(pipe.tokenizer, pipe.text_encoder, embedding.vectors)]
+    if sdxl:
+        pairs = [p for p in pairs if p[1] is not None] + [(pipe.tokenizer_2, pipe.text_encoder_2, embedding.vectors_2)]
+    for tokenizer, text_encoder, vectors in pairs:
+        _check_fits(tokenizer, text_encoder, embedding, vectors)
+    for tokenizer, text_encoder, vectors in pairs:
+        add_embedding(tokenizer, text_encoder, embedding, vectors)
+
+
+def _check_fits(tokenizer, text_encoder, embedding: Embedding, vectors: np.ndarray) -> None:
     rows, width = text_encoder.embeddings.token_embedding.embedding[...].shape
-    n, got = embedding.vectors.shape
+    got = vectors.shape[1]
     if got != width:
         def described(d):
             return f"{d} wide" + (f" ({_FAMILIES[d]})" if d in _FAMILIES else "")
@@ -128,11 +173,7 @@ def add_embedding(tokenizer, text_encoder, embedding: Embedding) -> list[int]:
         raise ValueError(f"the text encoder's token embedding has {rows} rows, the tokenizer {len(tokenizer)} ids: "
                          "textual inversion adds rows after both, so they must agree (load the model with its own "
                          "tokenizer)")
-    ids = tokenizer.add_tokens(embedding.tokens)  # checks the names before anything changes
-    if ids != list(range(rows, rows + n)):
-        raise RuntimeError(f"the tokenizer gave {embedding.tokens} the ids {ids}, expected {rows}..{rows + n - 1}")
-    _grow_token_embedding(text_encoder, embedding.vectors)
-    return ids
+    tokenizer.check_new_tokens(embedding.tokens)
 
 
 def _grow_token_embedding(text_encoder, vectors: np.ndarray) -> None:
@@ -151,5 +192,5 @@ def load_textual_inversion(pipe, path: str | os.PathLike, token: str | None = No
 
     token: the name to use instead of the file's own (see the module docstring for each format's)."""
     embedding = read_embedding(path, token)
-    add_embedding(pipe.tokenizer, pipe.text_encoder, embedding)
+    add_to_pipeline(pipe, embedding)
     return embedding.name

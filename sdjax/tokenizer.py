@@ -93,6 +93,14 @@ class CLIPTokenizer:
 
         A name CLIP's vocabulary holds, or one already added (compared normalised: "Tok" is "tok"), is an error
         that names it, as is an empty name or one with whitespace at either end (it could never match)."""
+        self.check_new_tokens(names)
+        new = {name: len(self) + k for k, name in enumerate(names)}
+        self._backend_add_tokens(new)
+        self.added_tokens.update(new)
+        return list(new.values())
+
+    def check_new_tokens(self, names: Sequence[str]) -> None:
+        """The errors `add_tokens(names)` would raise, raised without adding anything."""
         vocab = self.vocab_and_merges()[0]
         taken = {_normalize(n): n for n in self.added_tokens}
         for name in names:
@@ -107,10 +115,6 @@ class CLIPTokenizer:
                                  f" (as {taken[key]!r}; names are compared in lower case)") +
                                  ": give this embedding another name (token=...)")
             taken[key] = name
-        new = {name: len(self) + k for k, name in enumerate(names)}
-        self._backend_add_tokens(new)
-        self.added_tokens.update(new)
-        return list(new.values())
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         prompts = _as_prompt_list(prompts)

@@ -244,7 +244,7 @@ def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes, tmp_pa
     `generate(..., refiner=refiner, denoising_end=0.6)`): the base runs the calls above 60% of the noise range (751,
     501 of Euler's 4) and the refiner the rest from its latents as they are, as diffusers' base(denoising_end=0.6,
     output_type="latent") then refiner(image=latents, denoising_start=0.6): within 1/255 (batch 1, see above); the
-    PNG records the refiner. Textual inversion files for SDXL stop the job with the fix."""
+    PNG records the refiner. An SD 1.x embedding for SDXL stops the job with the fix."""
     from PIL import Image
 
     from configs import sample as sample_config
@@ -268,10 +268,52 @@ def test_base_hands_off_to_the_refiner_as_diffusers(folders, torch_pipes, tmp_pa
 
     from sdjax.weights.safetensors_io import write_safetensors
 
-    write_safetensors({"emb_params": np.zeros((1, 128), np.float32)}, tmp_path / "style.safetensors")  # A1111's
+    write_safetensors({"emb_params": np.zeros((1, 128), np.float32)}, tmp_path / "style.safetensors")  # SD 1.x's
     config.update(embeddings=str(tmp_path / "style.safetensors"), refiner="", output_dir=str(tmp_path / "ti"))
-    with pytest.raises(jobs.ConfigError, match="SDXL embeddings hold a vector for each of its two text encoders"):
+    with pytest.raises(jobs.ConfigError, match="is an embedding for one text encoder .* needs an SDXL embedding"):
         jobs.run(config)
+
+
+def test_textual_inversion_puts_clip_l_and_clip_g_vectors_where_diffusers_does(folders, tmp_path):
+    """An SDXL embedding file (A1111's {"clip_l": (n, D1), "clip_g": (n, D2)}, two vectors each) in sdjax and in
+    diffusers' two load_textual_inversion calls (text_encoder / tokenizer, text_encoder_2 / tokenizer_2): the same
+    context and pooled embedding (1e-4) for prompts that use its name, and not those without it. The refiner takes
+    clip_g alone."""
+    import diffusers
+
+    import sdjax
+    from sdjax.weights.safetensors_io import write_safetensors
+
+    rng = np.random.default_rng(0)
+    vectors = {"clip_l": (0.02 * rng.standard_normal((2, tiny_models.CLIP_HIDDEN))).astype(np.float32),
+               "clip_g": (0.02 * rng.standard_normal((2, tiny_models.SDXL_G_HIDDEN))).astype(np.float32)}
+    write_safetensors(vectors, tmp_path / "glossy.safetensors")
+    prompts = ["a glossy astronaut riding a horse", "Glossy, lowres"]
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folders["base"]))
+    for key, encoder, tokenizer in (("clip_l", reference.text_encoder, reference.tokenizer),
+                                    ("clip_g", reference.text_encoder_2, reference.tokenizer_2)):
+        reference.load_textual_inversion(torch.from_numpy(vectors[key]), token="glossy", text_encoder=encoder,
+                                         tokenizer=tokenizer)
+    with torch.no_grad():
+        context, _, pooled, _ = reference.encode_prompt([p.lower() for p in prompts], device="cpu",  # see below
+                                                        num_images_per_prompt=1, do_classifier_free_guidance=False)
+
+    pipe = sdjax.load_pretrained(folders["base"])
+    before = sdxl_conditioning([pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer(prompts), pipe.tokenizer_2(
+        prompts)])
+    assert pipe.load_textual_inversion(tmp_path / "glossy.safetensors") == "glossy"
+    ours = sdxl_conditioning([pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer(prompts), pipe.tokenizer_2(
+        prompts)])  # sdjax expands "Glossy" too (A1111); diffusers only the lower-case name, hence .lower() above
+    for a, b, old in zip(ours, (context.numpy(), pooled.numpy()), before):
+        assert rel_err(a, b) <= 1e-4 and rel_err(old, b) > 1e-2
+    with pytest.raises(ValueError, match="'glossy' is already loaded"):
+        pipe.load_textual_inversion(tmp_path / "glossy.safetensors")
+
+    refiner = sdjax.load_pretrained(folders["refiner"])
+    refiner.load_textual_inversion(tmp_path / "glossy.safetensors")
+    assert refiner.tokenizer is None and sorted(refiner.tokenizer_2.added_tokens) == ["glossy", "glossy_1"]
+    table = np.asarray(refiner.text_encoder_2.embeddings.token_embedding.embedding[...])
+    np.testing.assert_array_equal(table[-2:], vectors["clip_g"])
 
 
 def test_inpainting_unet_matches_diffusers(folders, torch_pipes, monkeypatch):

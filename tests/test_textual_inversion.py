@@ -249,13 +249,13 @@ def test_other_files(tmp_path):
     assert textual_inversion.read_embedding(folder).name == "<in-folder>"
     assert textual_inversion.read_embedding(folder, token="mine").name == "mine"
 
-    write_safetensors({"clip_l": vectors(1, 768), "clip_g": vectors(1, 1280)}, tmp_path / "sdxl.safetensors")
+    write_safetensors({"clip_l": vectors(1, 768), "clip_g": vectors(2, 1280)}, tmp_path / "sdxl.safetensors")
     torch.save({"string_to_param": {"*": torch.zeros(1, 8), "#": torch.zeros(1, 8)}}, tmp_path / "two.pt")
     write_safetensors({"a": vectors(1), "b": vectors(1)}, tmp_path / "keys.safetensors")
     torch.save({"<x>": torch.zeros(2, 3, 4)}, tmp_path / "rank3.bin")
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html>not found</html>")
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
-    for name, message in [("sdxl.safetensors", "is an SDXL embedding"), ("two.pt", r"holds \['#', '\*'\]"),
+    for name, message in [("sdxl.safetensors", "clip_l holds 1 vectors, clip_g 2; an SDXL embedding holds the same"), ("two.pt", r"holds \['#', '\*'\]"),
                           ("keys.safetensors", r"expected one tensor .* found \['a', 'b'\]"),
                           ("rank3.bin", r"shape \(2, 3, 4\); expected float vectors of shape \(n, width\)"),
                           ("page.pt", "is an HTML page"), ("image.png", "PNG / WebP images are not read"),
@@ -288,4 +288,8 @@ def test_sample_config_embeddings(folder, files, tmp_path, monkeypatch):
     config.embeddings = f"{files['pt-one']}, {files['<df-three>'].parent}"
     pipe = jobs.load_model(config)
     assert sorted(pipe.tokenizer.added_tokens) == ["<df-three>", "<df-three>_1", "<df-three>_2", "pt-one"]
+    assert pipe.text_encoder.config.vocab_size == VOCAB_SIZE + 4
+    write_safetensors({"clip_l": vectors(1, 768), "clip_g": vectors(1, 1280)}, tmp_path / "xl.safetensors")
+    with pytest.raises(ValueError, match="xl.safetensors is an SDXL embedding .clip_l . clip_g. and this model is SD"):
+        pipe.load_textual_inversion(tmp_path / "xl.safetensors")
     assert pipe.text_encoder.config.vocab_size == VOCAB_SIZE + 4
