@@ -74,6 +74,17 @@ class AutoencoderKLConfig:
         return float(self.scaling_factor), float(self.shift_factor or 0.0)
 
 
+def vae_kwargs(config: AutoencoderKLConfig, kwargs: dict) -> dict:
+    """The VAE's dtypes: float32 where the model asks for float16 and the VAE's config says `force_upcast` (diffusers'
+    default, and what SD 1.x, 2.x and SDXL's VAEs ship with): their activations overflow float16's 65504 (SDXL's
+    decoder gives NaN images), as diffusers upcasts them to decode. bfloat16 has float32's range and is kept; a VAE
+    made for float16 (force_upcast false, e.g. SDXL's fp16-fix VAE) too. Used by every builder of a pipeline
+    (sdjax.pretrained's loaders, sdjax.variants)."""
+    if config.force_upcast and jnp.float16 in (kwargs.get("dtype"), kwargs.get("param_dtype")):
+        return dict(kwargs, dtype=jnp.float32, param_dtype=jnp.float32)
+    return kwargs
+
+
 def to_latents(z, latent_scaling: tuple[float, float]):
     """The VAE's latents (posterior mean or sample) -> the diffusion model's: (z - shift) * scale.
 

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import initializers, sdxl, variants
-from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from sdjax.autoencoder import AutoencoderKL, AutoencoderKLConfig, vae_kwargs  # noqa: F401 (public here too)
 from sdjax.clip import CLIPTextConfig, CLIPTextEncoder, strip_text_model_prefix
 from sdjax.pipeline import StableDiffusion
 from sdjax.tokenizer import family_tokenizer, has_tokenizer_files, load_tokenizer
@@ -51,16 +51,6 @@ def abstract_module(cls, config, **kwargs):
 def _abstract_split(cls, config, kwargs: tuple):
     module, _ = initializers.plan(lambda rngs: cls(config, rngs=rngs, **dict(kwargs)))
     return nnx.split(module)
-
-
-def vae_kwargs(config: AutoencoderKLConfig, kwargs: dict) -> dict:
-    """The VAE's dtypes: float32 where the model asks for float16 and the VAE's config says `force_upcast` (diffusers'
-    default, and what SD 1.x, 2.x and SDXL's VAEs ship with): their activations overflow float16's 65504 (SDXL's
-    decoder gives NaN images), as diffusers upcasts them to decode. bfloat16 has float32's range and is kept; a VAE
-    made for float16 (force_upcast false, e.g. SDXL's fp16-fix VAE) too."""
-    if config.force_upcast and jnp.float16 in (kwargs.get("dtype"), kwargs.get("param_dtype")):
-        return dict(kwargs, dtype=jnp.float32, param_dtype=jnp.float32)
-    return kwargs
 
 
 def _submit(pool, cls, config, state_dict, *, what: str, ignore=(), **kwargs):

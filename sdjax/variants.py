@@ -100,7 +100,8 @@ class Variant:
         `build`), up to the last of `names`: what comes after draws later and changes nothing before."""
         constructors = {"text_encoder": lambda: clip.CLIPTextEncoder(self.text_encoder, rngs=rngs, **kwargs),
                         "unet": lambda: unet.UNet2DConditionModel(self.unet, rngs=rngs, **kwargs),
-                        "vae": lambda: autoencoder.AutoencoderKL(self.vae, rngs=rngs, **kwargs),
+                        "vae": lambda: autoencoder.AutoencoderKL(self.vae, rngs=rngs,
+                                                                 **autoencoder.vae_kwargs(self.vae, kwargs)),
                         "text_encoder_2": lambda: clip.CLIPTextEncoder(self.text_encoder_2, rngs=rngs, **kwargs)}
         unknown = set(names) - set(self.modules)
         if unknown:

@@ -385,7 +385,8 @@ def jax_normal(shape):
 def test_variants_build_sdxl_pipelines():
     """sdjax.variants' SDXL pipelines (sample.py's and the benchmarks' --config.variant): sdxl plans the released
     model's parameter counts (ViT-L 123,060,480, bigG with its projection 694,659,840, the UNet 2,567,463,684, the VAE
-    83,653,863) without computing anything; sdxl_refiner has bigG alone; tiny_sdxl builds."""
+    83,653,863) without computing anything; sdxl_refiner has bigG alone; tiny_sdxl builds, in float16 with its VAE in
+    float32 as load_pretrained gives it (force_upcast)."""
     import math
 
     import jax
@@ -404,6 +405,11 @@ def test_variants_build_sdxl_pipelines():
     pipe = variants.get("tiny_sdxl").pipeline(seed=0)  # benchmarks/sample.py's on a CPU (run by hand: 4 steps)
     assert pipe.family == "sdxl" and pipe.options["force_zeros_for_empty_prompt"]
     assert pipe.text_encoder_2.config.with_projection and pipe.tokenizer_2.pad_token_id == 0
+    half = variants.get("tiny_sdxl").pipeline(seed=0, dtype=jnp.float16, param_dtype=jnp.float16)
+    dtypes = {name: {x.dtype for x in jax.tree.leaves(nnx.state(getattr(half, name), nnx.Param))}
+              for name in ("unet", "text_encoder_2", "vae")}
+    assert dtypes == {"unet": {np.dtype("float16")}, "text_encoder_2": {np.dtype("float16")},
+                      "vae": {np.dtype("float32")}}  # as load_pretrained gives them
 
 
 def test_lora_on_both_text_encoders_and_the_unet_matches_diffusers(folders, tmp_path):
