@@ -308,13 +308,21 @@ def main(config, *, sample_fn=None) -> dict:
     total = config.num_steps * accum
     shard = dict(seed=config.seed, start_step=start, process_index=jax.process_index(), process_count=nproc,
                  shuffle=config.data.shuffle)
+    caption_tokens = [prompts.CaptionTokenizer(t, chunks=config.data.caption_chunks,
+                                               weighted=config.data.weighted_captions)
+                      for t in (models.tokenizer, models.tokenizer_2) if t is not None]
+
+    def caption_ids(captions: list[str]) -> dict:
+        """{"input_ids"(, "token_weights")}: (B, 77) or (B, chunks, 77); SDXL (B, tokenizers, chunks, 77)."""
+        if not sdxl:
+            return caption_tokens[0](captions)
+        parts = [tokens(captions) for tokens in caption_tokens]
+        return {k: np.stack([p[k].reshape(len(p[k]), -1, p[k].shape[-1]) for p in parts], axis=1) for k in parts[0]}
+
     cache = None
     if config.data.cache_latents:  # encode every image (and caption) once, with the frozen encoders
         if config.stage != "diffusion":
             raise ValueError("data.cache_latents is for stage='diffusion' (the autoencoder trains on pixels)")
-        if sdxl:
-            raise ValueError("data.cache_latents does not hold SDXL's two text encodings and size ids yet: set "
-                             "data.cache_latents=False for an SDXL model")
         latent_cache.check_config(config.data)
         encode = jax.jit(latent_cache.make_encode_fn(models.graphdefs, with_context=not config.train_text_encoder,
                                                      clip_skip=config.model.clip_skip),
@@ -323,27 +331,22 @@ def main(config, *, sample_fn=None) -> dict:
             dataset, functools.partial(encode, {k: v for k, v in frozen.items() if k not in trainable}), mesh=mesh,
             batch_size=config.batch_size,
             preprocess_fn=preprocess.make_preprocess(config.data.resolution, resample=config.data.resample),
-            tokenizer=models.tokenizer, process_index=jax.process_index(), process_count=nproc)
+            tokenizer=lambda captions: caption_ids(captions)["input_ids"], process_index=jax.process_index(),
+            process_count=nproc,
+            time_ids_fn=functools.partial(training.sdxl_time_ids, resolution=config.data.resolution) if sdxl else None)
         batches = latent_cache.cached_batches(cache, batch_size=config.batch_size // nproc,
                                               caption_dropout=config.data.caption_dropout, **shard)
     else:
         batches = preprocess.iterate_batches(dataset, config.batch_size // nproc, preprocess=prep,
                                              num_threads=config.data.num_threads, **shard)
 
-    caption_tokens = [prompts.CaptionTokenizer(t, chunks=config.data.caption_chunks,
-                                               weighted=config.data.weighted_captions)
-                      for t in (models.tokenizer, models.tokenizer_2) if t is not None]
-
     def device_batch(host: dict) -> dict:
         if cache is not None:  # already the model's inputs
             return sharding.host_batch_to_global(mesh, host)
         batch = {"images": host["images"]}
-        if config.stage == "diffusion" and not sdxl:
-            batch.update(caption_tokens[0](host["captions"]))  # "input_ids" (and "token_weights")
-        elif config.stage == "diffusion":  # (B, tokenizers, chunks, 77), and each image's size ids
-            parts = [tokens(host["captions"]) for tokens in caption_tokens]
-            batch.update({k: np.stack([p[k].reshape(len(p[k]), -1, p[k].shape[-1]) for p in parts], axis=1)
-                          for k in parts[0]})
+        if config.stage == "diffusion":
+            batch.update(caption_ids(host["captions"]))
+        if config.stage == "diffusion" and sdxl:  # each image's size ids
             batch["time_ids"] = training.sdxl_time_ids(host, config.data.resolution)
         return sharding.host_batch_to_global(mesh, batch)
 

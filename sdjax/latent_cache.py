@@ -6,6 +6,7 @@ every epoch: the train step then starts from the posterior moments and the UNet'
     cache = build_cache(dataset, encode, mesh=mesh, batch_size=64, preprocess=prep, tokenizer=tok, ...)
     for batch in cached_batches(cache, batch_size=64 // nproc, seed=0, start_step=step, ...):
         batch  # {"latent_mean", "latent_logvar", "context" | "input_ids"}: this host's rows
+               # SDXL: also "pooled" (with "context") and "time_ids" (each image's size ids)
 
 Every host holds the whole cache in memory (N x latent + N x 77 x width floats), so this is for
 datasets of up to some tens of thousands of images. Images are encoded once, so the preprocessing
@@ -13,7 +14,9 @@ must be deterministic (center crop, no flip); caption dropout still happens per 
 the empty caption's embedding. Batches follow the same resumable, host-sharded order as
 `sdjax.data.preprocess.iterate_batches` (they are drawn by it). The cache holds the VAE's posterior moments
 as `encode` returns them; the loss draws z from them and applies `sdjax.autoencoder.to_latents`, the same
-scaling (and shift) as for images encoded in the step and as the pipeline.
+scaling (and shift) as for images encoded in the step and as the pipeline. SDXL: the context of both text
+encoders, bigG's pooled embedding and each image's size ids (`sdjax.training.sdxl_time_ids` of its center crop)
+are cached with it; a dropped caption gets the empty caption's context and pooled embedding.
 """
 from __future__ import annotations
 
@@ -32,8 +35,11 @@ log = logging.getLogger(__name__)
 class LatentCache:
     mean: np.ndarray           # (N, h, w, c) posterior means (the VAE's latents, not yet to_latents)
     logvar: np.ndarray         # (N, h, w, c) posterior log-variances
-    text: np.ndarray           # (N, 77, D) text-encoder outputs, or (N, 77) token ids if it trains
-    empty_text: np.ndarray     # the same for the empty caption "" (caption dropout)
+    text: np.ndarray           # (N, 77, D) text-encoder outputs, or the token ids ((N, 77); SDXL (N, 2, 1, 77)) if
+    empty_text: np.ndarray     # the same for the empty caption "" (caption dropout)      the text encoders train
+    pooled: np.ndarray | None = None        # SDXL with a frozen bigG: (N, P) pooled text embeddings
+    empty_pooled: np.ndarray | None = None  # ... of the empty caption
+    time_ids: np.ndarray | None = None      # SDXL: (N, 6) size ids
 
     @property
     def has_context(self) -> bool:
@@ -50,14 +56,15 @@ def check_config(data_cfg) -> None:
 
 
 def build_cache(dataset, encode, *, mesh, batch_size: int, preprocess_fn, tokenizer, process_index: int,
-                process_count: int) -> LatentCache:
-    """Encode all of `dataset` with `encode(batch) -> {"latent_mean", "latent_logvar"[, "context"]}` (jitted,
-    replicated outputs; batch = {"images", "input_ids"}), `batch_size` global images at a time, each host
-    reading its own rows; every host ends up with the whole cache."""
+                process_count: int, time_ids_fn=None) -> LatentCache:
+    """Encode all of `dataset` with `encode(batch) -> {"latent_mean", "latent_logvar"[, "context"[, "pooled"]]}`
+    (jitted, replicated outputs; batch = {"images", "input_ids"}), `batch_size` global images at a time, each host
+    reading its own rows; every host ends up with the whole cache. tokenizer: captions -> ids; time_ids_fn (SDXL):
+    a host batch of preprocessed examples -> their size ids."""
     n = len(dataset)
     per_host = batch_size // process_count
     empty_ids = tokenizer([""])
-    rows, empty_text = {}, empty_ids[0]
+    rows, empty = {}, {"context": empty_ids[0]}
     for start in range(0, n, batch_size):
         indices = (start + np.arange(batch_size)) % n  # the last chunk wraps around
         mine = indices[process_index * per_host:(process_index + 1) * per_host]
@@ -65,11 +72,17 @@ def build_cache(dataset, encode, *, mesh, batch_size: int, preprocess_fn, tokeni
         local = {"images": np.stack([e["image"] for e in examples]),
                  "input_ids": tokenizer([e["caption"] for e in examples])}
         out = sharding.to_host(encode(sharding.host_batch_to_global(mesh, local)))
-        if "context" not in out:
-            out["input_ids"] = sharding.to_host(sharding.host_batch_to_global(mesh, {"i": local["input_ids"]}))["i"]
-        elif start == 0:  # the empty caption's context, through the same compiled function
-            empty = dict(local, input_ids=np.repeat(empty_ids, per_host, axis=0))
-            empty_text = sharding.to_host(encode(sharding.host_batch_to_global(mesh, empty)))["context"][0]
+        passed = {} if "context" in out else {"input_ids": local["input_ids"]}  # rows kept as they are, gathered
+        if time_ids_fn is not None:
+            sizes = {k: np.stack([e[k] for e in examples]) for k in ("original_size", "crop_top_left")
+                     if k in examples[0]}
+            passed["time_ids"] = time_ids_fn({"images": local["images"], **sizes})
+        if passed:
+            out.update(sharding.to_host(sharding.host_batch_to_global(mesh, passed)))
+        if "context" in out and start == 0:  # the empty caption's encoding, through the same compiled function
+            blank = sharding.to_host(encode(sharding.host_batch_to_global(
+                mesh, dict(local, input_ids=np.repeat(empty_ids, per_host, axis=0)))))
+            empty = {k: blank[k][0] for k in ("context", "pooled") if k in blank}
         keep = min(batch_size, n - start)
         for key, value in out.items():
             rows.setdefault(key, []).append(np.asarray(value)[:keep])
@@ -77,8 +90,9 @@ def build_cache(dataset, encode, *, mesh, batch_size: int, preprocess_fn, tokeni
             log.info("caching latents: %d / %d images", min(start + batch_size, n), n)
     cat = {key: np.concatenate(value) for key, value in rows.items()}
     cache = LatentCache(cat["latent_mean"], cat["latent_logvar"], cat.get("context", cat.get("input_ids")),
-                        np.asarray(empty_text))
-    size = sum(a.nbytes for a in (cache.mean, cache.logvar, cache.text))
+                        np.asarray(empty["context"]), pooled=cat.get("pooled"), empty_pooled=empty.get("pooled"),
+                        time_ids=cat.get("time_ids"))
+    size = sum(a.nbytes for a in (cache.mean, cache.logvar, cache.text, cache.pooled, cache.time_ids) if a is not None)
     log.info("cached %d latents%s (%.1f MB per host)", n, " and text embeddings" if cache.has_context else "",
              size / 2 ** 20)
     return cache
@@ -111,8 +125,14 @@ def cached_batches(cache: LatentCache, *, batch_size: int, seed: int, start_step
         dropped = np.array([c == "" for c in batch["captions"]])
         text = cache.text[idx].copy()
         text[dropped] = cache.empty_text
-        yield {"latent_mean": cache.mean[idx], "latent_logvar": cache.logvar[idx],
+        out = {"latent_mean": cache.mean[idx], "latent_logvar": cache.logvar[idx],
                ("context" if cache.has_context else "input_ids"): text}
+        if cache.pooled is not None:
+            out["pooled"] = cache.pooled[idx].copy()
+            out["pooled"][dropped] = cache.empty_pooled
+        if cache.time_ids is not None:
+            out["time_ids"] = cache.time_ids[idx]
+        yield out
 
 
 def make_encode_fn(graphdefs: dict, *, with_context: bool, clip_skip: int = 0):
@@ -125,7 +145,14 @@ def make_encode_fn(graphdefs: dict, *, with_context: bool, clip_skip: int = 0):
         modules = merge_modules(graphdefs, states)
         mean, logvar = modules["vae"].encode(batch["images"])
         out = {"latent_mean": mean.astype(jnp.float32), "latent_logvar": logvar.astype(jnp.float32)}
-        if with_context:
+        if with_context and "text_encoder_2" in modules:  # SDXL: ids (B, encoders, 1, 77), as the step encodes them
+            from sdjax import sdxl
+
+            encoders = [modules[k] for k in ("text_encoder", "text_encoder_2") if k in modules]
+            ids = batch["input_ids"]
+            context, pooled = sdxl.encode(encoders, ids, jnp.ones(ids.shape, jnp.float32), clip_skip=clip_skip)
+            out.update(context=context.astype(jnp.float32), pooled=pooled.astype(jnp.float32))
+        elif with_context:
             out["context"] = modules["text_encoder"](batch["input_ids"], clip_skip=clip_skip).astype(jnp.float32)
         return out
 

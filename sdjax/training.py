@@ -202,7 +202,7 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
 
     Diffusion batches hold "images" (B, R, R, 3) in [-1, 1] or cached "latent_mean"/"latent_logvar", and
     "input_ids" (B, 77) or (B, chunks, 77) with optional "token_weights" (`sdjax.prompts.CaptionTokenizer`), or
-    cached "context". `latent_scaling` is the VAE's (scaling_factor, shift_factor),
+    cached "context" (SDXL: with "pooled"). `latent_scaling` is the VAE's (scaling_factor, shift_factor),
     `vae_config.latent_scaling`: the loss sees `sdjax.autoencoder.to_latents(z, latent_scaling)`, as the pipeline.
     SDXL (modules with "text_encoder_2"): "input_ids" / "token_weights" (B, encoders, chunks, 77), one row per
     tokenizer, and "time_ids" (B, 6): each image's original size, crop top-left and target size, which the UNet
@@ -240,8 +240,10 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
         z = sample_latent(mean, logvar, k_latent) if obj.latent_sample else mean
         latents = to_latents(z.astype(jnp.float32), latent_scaling)
         added = None
-        if "context" in batch:
+        if "context" in batch:  # cached (sdjax.latent_cache); SDXL's with its pooled embedding and size ids
             context = batch["context"]
+            if "pooled" in batch:
+                added = {"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}
         elif "text_encoder_2" in modules:  # SDXL: both encoders' context, bigG's pooled embedding, the size ids
             from sdjax import sdxl
 
