@@ -147,15 +147,20 @@ def pngs(folder: Path) -> dict:
 def test_two_hosts_write_the_one_process_files_and_resume_from_process_0s_disk(tmp_path, tiny_sd1):
     """The re-run also has process 0 load its program from its compilation cache while process 1 compiles: the
     pipeline waits for every process before running a new program. With a tiny diffusers folder: loading it is
-    quicker than initialising --config.variant=tiny at random in each of the 5 processes."""
+    quicker than initialising --config.variant=tiny at random in each of the 4 processes."""
     checkpoint = tiny_sd1
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"a shape number {k}" for k in range(5)) + "\n")
     flags = [f"--config.checkpoint={checkpoint}", f"--config.prompts_file={prompts}", "--config.steps=2",
              "--config.height=32", "--config.width=32", "--config.batch_size=8", "--config.num_images_per_prompt=2",
              "--config.batch_invariant=True"]
-    wait_all([sample_py([*flags, f"--config.output_dir={tmp_path / 'one'}"], devices=8, log=tmp_path / "one.log")],
-             [tmp_path / "one.log"])
+    from configs import sample as sample_config
+    from sdjax import jobs
+
+    config = sample_config.get_config()  # the one-process run, here in-process on 1 device: with batch_invariant
+    config.update(checkpoint=str(checkpoint), prompts_file=str(prompts), steps=2, height=32, width=32, batch_size=8,
+                  num_images_per_prompt=2, batch_invariant=True, output_dir=str(tmp_path / "one"))
+    jobs.run(config)  # the images of any device count (test above), so those of 8 devices in 2 processes
     one = pngs(tmp_path / "one")
     assert len(one) == 11  # 10 images + grid
 

@@ -183,13 +183,14 @@ def kill_on_exit(procs):
 
 @ON_THE_REFERENCE_WORKER
 def test_fsdp_over_two_processes_matches_one_device(tmp_path, cache_dir, tiny_sd1, reference):
-    """A (data=2, fsdp=4) mesh over 8 devices, 4 in each of two processes (gloo): the losses of steps 1-3 and the
-    train state of step 3 are the single-device reference run's (1e-5). Single-process data parallelism is
+    """A (data=2, fsdp=2) mesh over 4 devices, 2 in each of two processes (gloo): the losses of steps 1-3 and the
+    train state of step 3 are the single-device reference run's (1e-5). (2 devices a process, not 4: the same
+    sharding across and within processes, with half the device threads on a 2-core machine.) Single-process data parallelism is
     test_cpu_devices_splits_the_cpu_and_matches_one_device."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = run_env(cache_dir, devices=4)
+    env = run_env(cache_dir, devices=2)
     workdir = tmp_path / "run"
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]
     # The README's two ways to start: process 0 through the environment, process 1 through the config.
@@ -200,7 +201,7 @@ def test_fsdp_over_two_processes_matches_one_device(tmp_path, cache_dir, tiny_sd
                 "--config.distributed.cpu_collectives=gloo"], {})]
     procs = [subprocess.Popen(
         train_command(workdir, f"--config.model.init_from={tiny_sd1}", "--config.num_steps=3", "--config.mesh.data=2",
-                      "--config.mesh.fsdp=4", *args),
+                      "--config.mesh.fsdp=2", *args),
         env={**env, **extra}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logs[i], "w"))  # files: no pipe stalls
         for i, (args, extra) in enumerate(starts)]
     with kill_on_exit(procs):
