@@ -346,8 +346,8 @@ def main(config, *, sample_fn=None) -> dict:
         batch = {"images": host["images"]}
         if config.stage == "diffusion":
             batch.update(caption_ids(host["captions"]))
-        if config.stage == "diffusion" and sdxl:  # each image's size ids
-            batch["time_ids"] = training.sdxl_time_ids(host, config.data.resolution)
+            if sdxl:  # each image's size ids
+                batch["time_ids"] = training.sdxl_time_ids(host, config.data.resolution)
         return sharding.host_batch_to_global(mesh, batch)
 
     watcher = checkpoint.PreemptionWatcher()  # from here SIGTERM (during compilation too) saves the next step

@@ -269,9 +269,8 @@ def export_model(modules: dict, *, tokenizer, scheduler_config: dict, path: str 
         if missing:
             raise ValueError(f"export {fmt!r} needs a whole pipeline; this run has no {missing} (an autoencoder "
                              f"run exports with export.formats=('vae',))")
-        pipe = StableDiffusion(modules.get("text_encoder"), modules["unet"], modules["vae"], tokenizer,
-                               scheduler_config, text_encoder_2=modules.get("text_encoder_2"),
-                               tokenizer_2=tokenizer_2, options=dict(options or {}))
+        pipe = StableDiffusion.from_modules(modules, tokenizer, scheduler_config, tokenizer_2=tokenizer_2,
+                                            options=options)
         if fmt == "diffusers":
             written.append(pretrained.save_pretrained(pipe, path, dtype=np_dtype))
         else:

@@ -68,15 +68,12 @@ def build_cache(dataset, encode, *, mesh, batch_size: int, preprocess_fn, tokeni
     for start in range(0, n, batch_size):
         indices = (start + np.arange(batch_size)) % n  # the last chunk wraps around
         mine = indices[process_index * per_host:(process_index + 1) * per_host]
-        examples = [preprocess_fn(dataset[int(i)], np.random.default_rng(0)) for i in mine]
-        local = {"images": np.stack([e["image"] for e in examples]),
-                 "input_ids": tokenizer([e["caption"] for e in examples])}
+        host = preprocess.collate([preprocess_fn(dataset[int(i)], np.random.default_rng(0)) for i in mine])
+        local = {"images": host["images"], "input_ids": tokenizer(host["captions"])}
         out = sharding.to_host(encode(sharding.host_batch_to_global(mesh, local)))
         passed = {} if "context" in out else {"input_ids": local["input_ids"]}  # rows kept as they are, gathered
         if time_ids_fn is not None:
-            sizes = {k: np.stack([e[k] for e in examples]) for k in ("original_size", "crop_top_left")
-                     if k in examples[0]}
-            passed["time_ids"] = time_ids_fn({"images": local["images"], **sizes})
+            passed["time_ids"] = time_ids_fn(host)
         if passed:
             out.update(sharding.to_host(sharding.host_batch_to_global(mesh, passed)))
         if "context" in out and start == 0:  # the empty caption's encoding, through the same compiled function
@@ -148,9 +145,7 @@ def make_encode_fn(graphdefs: dict, *, with_context: bool, clip_skip: int = 0):
         if with_context and "text_encoder_2" in modules:  # SDXL: ids (B, encoders, 1, 77), as the step encodes them
             from sdjax import sdxl
 
-            encoders = [modules[k] for k in ("text_encoder", "text_encoder_2") if k in modules]
-            ids = batch["input_ids"]
-            context, pooled = sdxl.encode(encoders, ids, jnp.ones(ids.shape, jnp.float32), clip_skip=clip_skip)
+            context, pooled = sdxl.encode_modules(modules, batch["input_ids"], clip_skip=clip_skip)
             out.update(context=context.astype(jnp.float32), pooled=pooled.astype(jnp.float32))
         elif with_context:
             out["context"] = modules["text_encoder"](batch["input_ids"], clip_skip=clip_skip).astype(jnp.float32)

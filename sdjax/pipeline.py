@@ -28,9 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sdjax import sampling, schedulers
+from sdjax import sampling, schedulers, sdxl
 from sdjax.autoencoder import approx_decode, from_latents, to_latents
-from sdjax import sdxl
 from sdjax.prompts import encode_prompts, tokenize_prompts
 
 
@@ -54,6 +53,14 @@ class StableDiffusion:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     options: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_modules(cls, modules: dict, tokenizer, scheduler_config: dict, *, tokenizer_2=None,
+                     options: dict | None = None) -> "StableDiffusion":
+        """A pipeline of {"text_encoder", "unet", "vae"(, "text_encoder_2")} modules (a run's or a variant's; SDXL's
+        refiner has no "text_encoder")."""
+        return cls(modules.get("text_encoder"), modules["unet"], modules["vae"], tokenizer, scheduler_config,
+                   text_encoder_2=modules.get("text_encoder_2"), tokenizer_2=tokenizer_2, options=dict(options or {}))
 
     @property
     def family(self) -> str:
@@ -490,7 +497,7 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         ids, weights = tokenize_prompts(pipe.tokenizer, prompts + negative, emphasis=emphasis, min_chunks=min_chunks)
         time_ids = np.zeros((B, 2, 0), np.float32)
         sdxl.check_no_micro_conditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
-                               negative_crops_coords_top_left, negative_target_size)
+                                         negative_crops_coords_top_left, negative_target_size)
     else:  # (2B, encoders, chunks, 77): each tokenizer's ids (they pad differently), as many chunks in both
         tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]
         tokenize = functools.partial(tokenize_prompts, prompts=prompts + negative, emphasis=emphasis)
@@ -499,8 +506,8 @@ def generate(pipe: StableDiffusion, prompts: str | Sequence[str], *, negative_pr
         pairs = [pair if pair[0].shape[1] == k else tokenize(t, min_chunks=k) for t, pair in zip(tokenizers, pairs)]
         ids, weights = (np.stack([pair[i] for pair in pairs], axis=1) for i in (0, 1))
         time_ids = sdxl.time_ids(pipe, B, height, width, original_size, crops_coords_top_left, target_size,
-                                  negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                                  aesthetic_score, negative_aesthetic_score)
+                                 negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                                 aesthetic_score, negative_aesthetic_score)
     zero_uncond = is_sdxl and negative_prompts is None and bool(pipe.options.get("force_zeros_for_empty_prompt"))
     static = _Static(_hashable(scheduler_config), int(num_inference_steps), height, width, guidance_scale > 1.0,
                      int(clip_skip), float(strength), mode, bool(batch_invariant), output_type,

@@ -153,9 +153,8 @@ def _load_diffusers_folder(path: Path, **kwargs) -> StableDiffusion:
         log.warning("%s has no scheduler/scheduler_config.json; using the %s default", path, family)
         scheduler_config = copy.deepcopy(variants.SCHEDULERS[family])
     options = {k: index.get(k, v) for k, v in sdxl.OPTIONS.items()} if family == "sdxl" else {}
-    return StableDiffusion(encoders.get("text_encoder"), unet, vae, tokenizers.get("text_encoder"), scheduler_config,
-                           text_encoder_2=encoders.get("text_encoder_2"),
-                           tokenizer_2=tokenizers.get("text_encoder_2"), options=options)
+    return StableDiffusion.from_modules({**encoders, "unet": unet, "vae": vae}, tokenizers.get("text_encoder"),
+                                        scheduler_config, tokenizer_2=tokenizers.get("text_encoder_2"), options=options)
 
 
 _CONFIG_METADATA = "sdjax_configs"  # safetensors metadata key: the exact configs of a file sdjax wrote
@@ -196,9 +195,8 @@ def _load_single_file(path: Path, *, prediction_type: str | None, **kwargs) -> S
     options = {}
     if info.family == "sdxl":  # as diffusers' SDXL base and refiner pipelines are configured
         options = saved.get("options") or sdxl.options(refiner="text_encoder" not in encoders)
-    return StableDiffusion(encoders.get("text_encoder"), unet, vae, tokenizers.get("text_encoder"), scheduler_config,
-                           text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=tokenizers.get("text_encoder_2"),
-                           options=options)
+    return StableDiffusion.from_modules({**encoders, "unet": unet, "vae": vae}, tokenizers.get("text_encoder"),
+                                        scheduler_config, tokenizer_2=tokenizers.get("text_encoder_2"), options=options)
 
 
 def _state_dicts(pipe: StableDiffusion, dtype, what):

@@ -11,7 +11,6 @@ from sdjax.clip import sdxl_conditioning
 from sdjax.prompts import apply_emphasis
 
 
-
 def options(refiner: bool) -> dict:
     """The model_index.json settings (StableDiffusion.options) of diffusers' SDXL base or refiner pipeline."""
     return {"force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner}
@@ -44,6 +43,13 @@ def encode(encoders, ids, weights, *, clip_skip: int = 0, normalize: bool = True
     context = jnp.concatenate([apply_emphasis(part, flat_weights, normalize=normalize)
                                for part in jnp.split(context, widths, axis=-1)], axis=-1)
     return context.reshape(B, k * length, -1), pooled.reshape(B, k, -1)[:, 0]
+
+
+def encode_modules(modules: dict, ids, weights=None, *, clip_skip: int = 0):
+    """`encode` with the text encoders of a {name: module} dict (train.py's modules: "text_encoder" (the base's) and
+    "text_encoder_2"); weights None: every token's weight is 1."""
+    encoders = [modules[k] for k in ("text_encoder", "text_encoder_2") if modules.get(k) is not None]
+    return encode(encoders, ids, jnp.ones(ids.shape, jnp.float32) if weights is None else weights, clip_skip=clip_skip)
 
 
 def check_no_micro_conditioning(*values) -> None:

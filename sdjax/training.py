@@ -247,10 +247,8 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
         elif "text_encoder_2" in modules:  # SDXL: both encoders' context, bigG's pooled embedding, the size ids
             from sdjax import sdxl
 
-            encoders = [modules[k] for k in ("text_encoder", "text_encoder_2") if k in modules]
-            weights = batch.get("token_weights", jnp.ones(batch["input_ids"].shape, jnp.float32))
-            context, pooled = sdxl.encode(encoders, batch["input_ids"], weights, clip_skip=cfg.model.clip_skip,
-                                           normalize=True)
+            context, pooled = sdxl.encode_modules(modules, batch["input_ids"], batch.get("token_weights"),
+                                                  clip_skip=cfg.model.clip_skip)
             added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
         else:
             context = encode_prompts(modules["text_encoder"], batch["input_ids"], batch.get("token_weights"),
@@ -565,9 +563,8 @@ def pipeline_sample_fn(tokenizer, scheduler_config: dict, *, num_inference_steps
     def sample(modules, prompts, seed):
         from sdjax import pipeline
 
-        pipe = pipeline.StableDiffusion(modules.get("text_encoder"), modules["unet"], modules["vae"], tokenizer,
-                                        scheduler_config, text_encoder_2=modules.get("text_encoder_2"),
-                                        tokenizer_2=tokenizer_2, options=dict(options or {}))
+        pipe = pipeline.StableDiffusion.from_modules(modules, tokenizer, scheduler_config, tokenizer_2=tokenizer_2,
+                                                     options=options)
         return pipeline.generate(pipe, prompts, seed=seed, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, height=resolution, width=resolution, mesh=mesh)
     return sample

@@ -75,10 +75,9 @@ class Variant:
 
         built = dict(zip(self.modules, self.build(seed=seed, **kwargs)))
         tokenizers = self.tokenizers()
-        return pipeline.StableDiffusion(built.get("text_encoder"), built["unet"], built["vae"],
-                                        tokenizers.get("text_encoder"), dict(self.scheduler),
-                                        text_encoder_2=built.get("text_encoder_2"),
-                                        tokenizer_2=tokenizers.get("text_encoder_2"), options=dict(self.options))
+        return pipeline.StableDiffusion.from_modules(built, tokenizers.get("text_encoder"), dict(self.scheduler),
+                                                     tokenizer_2=tokenizers.get("text_encoder_2"),
+                                                     options=dict(self.options))
 
     def tokenizers(self) -> dict:
         """{"text_encoder": ..., "text_encoder_2": ...}: the built-in tokenizer for each text encoder the variant has,

@@ -91,6 +91,17 @@ def preprocess_example(example: dict, rng: np.random.Generator, *, resolution: i
             "original_size": np.asarray(original, np.int32), "crop_top_left": np.asarray((top, left), np.int32)}
 
 
+def collate(examples: list[dict]) -> dict:
+    """Preprocessed examples as one host batch: {"images": float32 (B, R, R, 3), "captions": list[str]}, with
+    "original_size" / "crop_top_left" (B, 2) when the examples have them (`preprocess_example`)."""
+    batch = {"images": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
+             "captions": [e["caption"] for e in examples]}
+    for key in ("original_size", "crop_top_left"):
+        if key in examples[0]:
+            batch[key] = np.stack([e[key] for e in examples])
+    return batch
+
+
 def make_preprocess(resolution: int, *, center_crop: bool = True, random_flip: bool = False,
                     caption_dropout: float = 0.0, resample: str = "bicubic") -> Callable[[dict, np.random.Generator], dict]:
     """`preprocess_example` with its options bound: a (example, rng) -> example function for `iterate_batches`."""
@@ -169,12 +180,7 @@ def iterate_batches(dataset, batch_size: int, *, seed: int, start_step: int = 0,
             if len(shapes) > 1:
                 raise ValueError(f"images in batch {step} have different shapes {sorted(shapes)}; "
                                  "pass preprocess=make_preprocess(resolution=...) to resize and crop them")
-            batch = {"images": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
-                     "captions": [e["caption"] for e in examples], "indices": indices[mine], "step": step}
-            for key in ("original_size", "crop_top_left"):
-                if key in examples[0]:
-                    batch[key] = np.stack([e[key] for e in examples])
-            yield batch
+            yield {**collate(examples), "indices": indices[mine], "step": step}
             step += 1
     finally:
         if pool:
