@@ -147,6 +147,21 @@ def supersede_metrics(workdir: Path, step: int) -> None:
         log.info("metrics.jsonl: %d row(s) after step %d moved to metrics.superseded.jsonl", len(later), step)
 
 
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when it is installed (1.0 to
+    1.6 s of train.py's start-up, measured) only to accept torch tensors, and train.py logs floats and numpy images.
+    A process that has imported torch already keeps it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX is imported
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Reporter:
     """metrics.jsonl, TensorBoard and the progress bar (process 0 only)."""
 
@@ -157,11 +172,10 @@ class Reporter:
         self.mark_time, self.mark_step = time.time(), start_step
         if not self.active:
             return
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
         self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.tb = summary_writer_class()(str(workdir / "tensorboard"))
         self.bar = tqdm(total=config.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not config.progress_bar, file=sys.stderr)
 
