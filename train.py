@@ -286,6 +286,9 @@ def main(config, *, sample_fn=None) -> dict:
         supersede_metrics(workdir, start // config.optimizer.grad_accum_steps)
     trained_params = sum(np.size(x) for x in jax.tree.leaves(state["params"]))
     log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start, f"{trained_params:,}")
+    held, whole = sharding.bytes_per_device(state_abstract, state_shardings)
+    log.info("train state: %.1f MB on each device of %.1f MB (mesh.fsdp=%d)", held / 2**20, whole / 2**20,
+             mesh.shape["fsdp"])
     loss_fn = training.make_loss_fn(config, scheduler_config=models.scheduler_config,
                                     latent_scaling=models.vae_config.latent_scaling)
     if config.lora.rank and config.lora.dropout:
@@ -333,6 +336,9 @@ def main(config, *, sample_fn=None) -> dict:
         parts = [tokens(captions) for tokens in caption_tokens]
         return {k: np.stack([p[k].reshape(len(p[k]), -1, p[k].shape[-1]) for p in parts], axis=1) for k in parts[0]}
 
+    # SDXL's size ids of each image (the refiner's with data.aesthetic_score)
+    time_ids = functools.partial(training.sdxl_time_ids, resolution=config.data.resolution,
+                                 aesthetic_score=config.data.aesthetic_score if models.size_ids == 5 else None)
     cache = None
     if config.data.cache_latents:  # encode every image (and caption) once, with the frozen encoders
         if config.stage != "diffusion":
@@ -347,7 +353,7 @@ def main(config, *, sample_fn=None) -> dict:
             preprocess_fn=preprocess.make_preprocess(config.data.resolution, resample=config.data.resample),
             tokenizer=lambda captions: caption_ids(captions)["input_ids"], process_index=jax.process_index(),
             process_count=nproc,
-            time_ids_fn=functools.partial(training.sdxl_time_ids, resolution=config.data.resolution) if sdxl else None)
+            time_ids_fn=time_ids if sdxl else None)
         batches = latent_cache.cached_batches(cache, batch_size=config.batch_size // nproc,
                                               caption_dropout=config.data.caption_dropout, **shard)
     else:
@@ -361,7 +367,7 @@ def main(config, *, sample_fn=None) -> dict:
         if config.stage == "diffusion":
             batch.update(caption_ids(host["captions"]))
             if sdxl:  # each image's size ids
-                batch["time_ids"] = training.sdxl_time_ids(host, config.data.resolution)
+                batch["time_ids"] = time_ids(host)
         return sharding.host_batch_to_global(mesh, batch)
 
     watcher = checkpoint.PreemptionWatcher()  # from here SIGTERM (during compilation too) saves the next step

@@ -12,7 +12,9 @@ parameters at 4 bytes): parameters, two AdamW moments and the EMA take 41 GB and
 that is 51 GB of an 80 GB GPU before the frozen encoders (3.3 GB), the VAE and 1024 px activations, so the state is
 sharded along mesh.fsdp (-1: every device; 6.4 GB a device on 8). LoRA instead: --config.lora.rank=16 (the base is
 frozen, only the adapters carry optimizer state: mesh.fsdp=1 on one GPU). --config.train_text_encoder=True trains
-both text encoders too (at optimizer.text_encoder_learning_rate).
+both text encoders too (at optimizer.text_encoder_learning_rate). init_from may be the refiner: its UNet takes the
+aesthetic score (data.aesthetic_score, 6.0) in place of the target size, and its one text encoder trains with
+train_text_encoder.
 """
 from configs import finetune_sd15
 

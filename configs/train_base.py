@@ -55,6 +55,7 @@ def get_config(arg=None):
     c.data.shuffle = True
     c.data.num_threads = 8         # per host, for decoding and preprocessing
     c.data.cache_latents = False   # encode every image (and caption, if the text encoder is frozen) once
+    c.data.aesthetic_score = 6.0   # SDXL refiner: the score every image is conditioned on (its pipeline's default)
 
     c.objective = ml_collections.ConfigDict()
     c.objective.min_snr_gamma = 0.0   # > 0: min-SNR-gamma loss weighting (5.0 is usual)

@@ -73,6 +73,18 @@ def param_shardings(mesh: Mesh, tree: Any, *, min_size: int = 0) -> Any:
                         tree)
 
 
+def bytes_per_device(tree: Any, shardings: Any) -> tuple[int, int]:
+    """(bytes each device holds, bytes of the whole tree) of arrays / ShapeDtypeStructs placed with `shardings`
+    (NamedShardings, on a Mesh or an AbstractMesh: what a mesh would hold, without its devices): what FSDP saves.
+    `param_shardings` splits a dim evenly or not at all, so every device holds the same."""
+    held = whole = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        size = np.dtype(x.dtype).itemsize
+        whole += int(np.prod(x.shape)) * size
+        held += int(np.prod(s.shard_shape(tuple(x.shape)))) * size
+    return held, whole
+
+
 def host_batch_to_global(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of the global batch -> global arrays split along the batch over the mesh.
 

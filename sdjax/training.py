@@ -205,8 +205,9 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
     cached "context" (SDXL: with "pooled"). `latent_scaling` is the VAE's (scaling_factor, shift_factor),
     `vae_config.latent_scaling`: the loss sees `sdjax.autoencoder.to_latents(z, latent_scaling)`, as the pipeline.
     SDXL (modules with "text_encoder_2"): "input_ids" / "token_weights" (B, encoders, chunks, 77), one row per
-    tokenizer, and "time_ids" (B, 6): each image's original size, crop top-left and target size, which the UNet
-    takes with the pooled text embedding (`sdxl_time_ids`).
+    tokenizer, and "time_ids" (B, 6): each image's original size, crop top-left and target size (the refiner's
+    (B, 5): the aesthetic score for the target size), which the UNet takes with the pooled text embedding
+    (`sdxl_time_ids`).
     """
     if cfg.stage == "autoencoder":
         ae = cfg.autoencoder
@@ -261,15 +262,17 @@ def make_loss_fn(cfg, *, scheduler_config: dict | None = None, latent_scaling: t
     return loss_fn
 
 
-def sdxl_time_ids(host: dict, resolution: int) -> np.ndarray:
-    """SDXL's size ids of a host batch, (B, 6) float32: each image's original (height, width), the (top, left) of its
-    crop and the target size (resolution, resolution), as diffusers' SDXL training script builds add_time_ids.
-    Batches without "original_size" / "crop_top_left" (a dataset already at its resolution) get the target size and
-    (0, 0)."""
+def sdxl_time_ids(host: dict, resolution: int, aesthetic_score: float | None = None) -> np.ndarray:
+    """SDXL's size ids of a host batch, float32: each image's original (height, width), the (top, left) of its crop
+    and the target size (resolution, resolution), (B, 6), as diffusers' SDXL training script builds add_time_ids;
+    for the refiner (`aesthetic_score` given) the score in place of the target size, (B, 5), as the refiner's
+    pipeline orders them. Batches without "original_size" / "crop_top_left" (a dataset already at its resolution)
+    get the target size and (0, 0)."""
     n = len(host["images"])
     original = host.get("original_size", np.full((n, 2), resolution))
     corner = host.get("crop_top_left", np.zeros((n, 2)))
-    return np.concatenate([original, corner, np.full((n, 2), resolution)], axis=1).astype(np.float32)
+    tail = np.full((n, 2), resolution) if aesthetic_score is None else np.full((n, 1), aesthetic_score)
+    return np.concatenate([original, corner, tail], axis=1).astype(np.float32)
 
 
 def latent_scaling_factor(vae, images) -> float:
@@ -475,6 +478,7 @@ class Models:
     vae_config: Any            # the VAE's AutoencoderKLConfig (latent scaling)
     tokenizer_2: Any = None    # SDXL's second tokenizer
     options: dict = dataclasses.field(default_factory=dict)  # SDXL's pipeline options (StableDiffusion.options)
+    size_ids: int = 0          # SDXL: the size ids its UNet takes (6: the base's, 5: the refiner's)
 
 
 def build_models(cfg) -> Models:
@@ -523,13 +527,14 @@ def build_models(cfg) -> Models:
     modules = {name: loaded_modules.get(name, abstract.get(name)) for name in names}
     if "unet" in modules:
         modules["unet"].remat = bool(m.remat)  # static: part of the graphdef
-    if "text_encoder_2" in modules:  # SDXL: the batches carry the base's 6 size ids
+    size_ids = 0
+    if "text_encoder_2" in modules:  # SDXL: the batches carry the base's 6 size ids or the refiner's 5
         from sdjax import sdxl
 
-        if sdxl.size_ids(modules["unet"].config, modules["text_encoder_2"].config.projection_dim) != 6:
-            raise ValueError("this SDXL UNet conditions on the refiner's aesthetic score (5 ids): train.py fine-tunes "
-                             "SDXL base models (original size, crop and target size); give the base as "
-                             "model.init_from")
+        size_ids = sdxl.size_ids(modules["unet"].config, modules["text_encoder_2"].config.projection_dim)
+        if size_ids not in (5, 6):
+            raise ValueError(f"this SDXL UNet takes {size_ids} size ids; train.py knows the base's 6 (original size, "
+                             "crop, target size) and the refiner's 5 (original size, crop, aesthetic score)")
     graphdefs, states = split_modules(modules)
     random_names = tuple(name for name in names if name not in loaded_modules)
 
@@ -538,7 +543,8 @@ def build_models(cfg) -> Models:
 
     vae = loaded_modules.get("vae", abstract.get("vae"))
     return Models(graphdefs, {name: states[name] for name in names if name in loaded_modules},
-                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config, tokenizer_2, options)
+                  init_fn if random_names else None, tokenizer, scheduler_config, vae.config, tokenizer_2, options,
+                  size_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """train.py on SDXL: configs/finetune_sdxl.py on a tiny SDXL diffusers folder and a folder of captioned images of
 several sizes: each image's size ids come from its real size and crop; LoRA resumed after a kill gives the
-uninterrupted run's losses and train state."""
+uninterrupted run's losses and train state; the cache of latents and encodings trains as the images do; the refiner
+fine-tuned whole (UNet and its text encoder) in bfloat16 with remat, its state sharded over two devices."""
 from __future__ import annotations
 
 import shutil
 
 import numpy as np
 import pytest
+
+import sdjax
 
 from tests import tiny_models
 from tests.test_train_script import cache_dir, checkpoint_state, losses, train_module, write_png  # noqa: F401
@@ -54,8 +57,9 @@ def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, 
     seen = []
     time_ids = train_module.training.sdxl_time_ids
 
-    def spy(host, resolution):
-        out = time_ids(host, resolution)
+    def spy(host, resolution, aesthetic_score):
+        assert aesthetic_score is None  # the base: 6 size ids
+        out = time_ids(host, resolution, aesthetic_score)
         seen.append((list(host["captions"]), out))
         return out
     monkeypatch.setattr(train_module.training, "sdxl_time_ids", spy)
@@ -103,3 +107,82 @@ def test_cached_latents_train_as_the_images_do(tmp_path, train_module, data_and_
     assert a.keys() == b.keys()
     errors = {key: float(np.abs(a[key] - b[key]).max()) / max(float(np.abs(b[key]).max()), 1e-12) for key in a}
     assert max(errors.values()) <= 1e-3, max(errors, key=errors.get)
+
+
+def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, train_module, data_and_model):
+    """configs/finetune_sdxl.py's bfloat16 compute and remat on the refiner, whose UNet takes 5 size ids (the aesthetic
+    score, data.aesthetic_score, for the target size), with its text encoder trained too: the loss is finite, both
+    trained modules move, and the export is a refiner folder. (Its state over several devices: FSDP's arithmetic on
+    the full-size model in tests/test_sdxl.py; a (data=2, fsdp=2) run over two processes in test_train_script.py.)"""
+    from sdjax.weights.safetensors_io import read_safetensors
+
+    data, _ = data_and_model
+    refiner = tmp_path / "tiny-refiner"
+    tiny_models.tiny_sdxl_pipeline(tmp_path, refiner=True, text_layers=2).save_pretrained(str(refiner),
+                                                                                         safe_serialization=True)
+    seen = []
+    time_ids = train_module.training.sdxl_time_ids
+
+    def spy(host, resolution, aesthetic_score):
+        seen.append(time_ids(host, resolution, aesthetic_score))
+        return seen[-1]
+    monkeypatch.setattr(train_module.training, "sdxl_time_ids", spy)
+    run = tmp_path / "run"
+    train_module.main(sdxl_config(run, data, refiner, **{
+        "model.dtype": "bfloat16", "model.remat": True, "train_text_encoder": True, "data.aesthetic_score": 5.5,
+        "checkpoint.every": 2, "ema.decay": 0.5, "optimizer.text_encoder_learning_rate": 1e-3,
+        "export.formats": ("diffusers",), "export.dtype": "float32"}))
+    assert seen and all(ids.shape == (2, 5) and (ids[:, 4] == 5.5).all() for ids in seen)
+    loss = losses(run)
+    assert sorted(loss) == [1, 2] and all(np.isfinite(v) for v in loss.values())
+    start = {"unet": read_safetensors(refiner / "unet" / "diffusion_pytorch_model.safetensors"),
+             "text_encoder_2": read_safetensors(refiner / "text_encoder_2" / "model.safetensors")}
+    state = checkpoint_state(run, 2)
+    assert {k.split("'")[3] for k in state if k.startswith("['params']")} == set(start)  # the VAE stays frozen
+    for module, weights in start.items():  # the export (the EMA) of each trained module moved
+        name = "diffusion_pytorch_model" if module == "unet" else "model"
+        exported = read_safetensors(run / "export" / module / f"{name}.safetensors")
+        assert exported.keys() == weights.keys()
+        assert any(not np.array_equal(exported[k], weights[k]) for k in exported), module
+    pipe = sdjax.load_pretrained(run / "export")
+    assert pipe.text_encoder is None and pipe.options["requires_aesthetics_score"]
+
+
+def test_the_refiners_size_ids_carry_the_aesthetic_score():
+    """The refiner's 5 ids: original (height, width), crop (top, left), score; the base's 6 end with the target size."""
+    from sdjax import training
+
+    host = {"images": np.zeros((2, 4, 4, 3)), "original_size": np.array([[40, 60], [50, 30]]),
+            "crop_top_left": np.array([[0, 3], [2, 0]])}
+    np.testing.assert_array_equal(training.sdxl_time_ids(host, 32, aesthetic_score=5.5),
+                                  [[40, 60, 0, 3, 5.5], [50, 30, 2, 0, 5.5]])
+    np.testing.assert_array_equal(training.sdxl_time_ids(host, 32), [[40, 60, 0, 3, 32, 32], [50, 30, 2, 0, 32, 32]])
+
+
+def test_full_size_sdxl_train_state_on_one_and_eight_devices():
+    """The README's memory figures for fine-tuning the whole SDXL base UNet (configs/finetune_sdxl.py), from train.py's
+    own optimizer, train state and FSDP rule on the planned full-size model (nothing allocated, an abstract mesh): the
+    parameters, AdamW's two moments and the EMA are 41.08 GB in float32, all of it on one device, and 5.16 GB on each
+    of 8 (mesh.fsdp=8): an eighth (5.13 GB) and the arrays too small to split (norms, biases), whole on every device."""
+    import functools
+
+    import jax
+    from flax import nnx
+    from jax.sharding import AbstractMesh
+
+    from sdjax import sharding, training, variants
+    from tests.test_training import load_config
+
+    config = load_config("finetune_sdxl")
+    modules, _ = variants.get("sdxl").plan(["unet"])
+    params = {"unet": nnx.state(modules["unet"], nnx.Param)}
+    tx, _ = training.make_optimizer(config.optimizer, num_steps=config.num_steps, trainable=("unet",))
+    state = jax.eval_shape(functools.partial(training.init_state, tx=tx, seed=0, ema_decay=config.ema.decay), params)
+    sizes = {}
+    for fsdp in (1, 8):
+        mesh = AbstractMesh((1, fsdp), ("data", "fsdp"))
+        shardings = sharding.param_shardings(mesh, state, min_size=config.mesh.fsdp_min_size)
+        sizes[fsdp] = sharding.bytes_per_device(state, shardings)
+    whole = 4 * 4 * 2_567_463_684  # bytes: parameters, two moments, EMA
+    assert sizes[1][0] == sizes[1][1] == sizes[8][1] and abs(sizes[1][1] - whole) < 1e-4 * whole
+    assert whole / 8 <= sizes[8][0] <= 1.01 * whole / 8, sizes[8][0] / whole
