@@ -112,7 +112,8 @@ def test_cached_latents_train_as_the_images_do(tmp_path, train_module, data_and_
 def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, train_module, data_and_model):
     """configs/finetune_sdxl.py's bfloat16 compute and remat on the refiner, whose UNet takes 5 size ids (the aesthetic
     score, data.aesthetic_score, for the target size), with its text encoder trained too: the loss is finite, both
-    trained modules move, and the export is a refiner folder. (Its state over several devices: FSDP's arithmetic on
+    trained modules move, the export is a refiner folder, and the run resumed after a kill gives the uninterrupted
+    one's losses and train state bit for bit. (Its state over several devices: FSDP's arithmetic on
     the full-size model in tests/test_sdxl.py; a (data=2, fsdp=2) run over two processes in test_train_script.py.)"""
     from sdjax.weights.safetensors_io import read_safetensors
 
@@ -128,10 +129,11 @@ def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, trai
         return seen[-1]
     monkeypatch.setattr(train_module.training, "sdxl_time_ids", spy)
     run = tmp_path / "run"
-    train_module.main(sdxl_config(run, data, refiner, **{
+    config = sdxl_config(run, data, refiner, **{
         "model.dtype": "bfloat16", "model.remat": True, "train_text_encoder": True, "data.aesthetic_score": 5.5,
-        "checkpoint.every": 2, "ema.decay": 0.5, "optimizer.text_encoder_learning_rate": 1e-3,
-        "export.formats": ("diffusers",), "export.dtype": "float32"}))
+        "ema.decay": 0.5, "optimizer.text_encoder_learning_rate": 1e-3, "export.formats": ("diffusers",),
+        "export.dtype": "float32"})
+    train_module.main(config)
     assert seen and all(ids.shape == (2, 5) and (ids[:, 4] == 5.5).all() for ids in seen)
     loss = losses(run)
     assert sorted(loss) == [1, 2] and all(np.isfinite(v) for v in loss.values())
@@ -139,6 +141,14 @@ def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, trai
              "text_encoder_2": read_safetensors(refiner / "text_encoder_2" / "model.safetensors")}
     state = checkpoint_state(run, 2)
     assert {k.split("'")[3] for k in state if k.startswith("['params']")} == set(start)  # the VAE stays frozen
+
+    shutil.rmtree(run / "checkpoints" / "2")  # killed before step 2 was saved: the re-run resumes from step 1
+    train_module.main(config)
+    assert losses(run) == loss
+    resumed = checkpoint_state(run, 2)
+    assert resumed.keys() == state.keys()
+    for key in state:  # parameters, AdamW moments and EMA, bit for bit
+        np.testing.assert_array_equal(resumed[key], state[key], err_msg=key)
     for module, weights in start.items():  # the export (the EMA) of each trained module moved
         name = "diffusion_pytorch_model" if module == "unet" else "model"
         exported = read_safetensors(run / "export" / module / f"{name}.safetensors")
