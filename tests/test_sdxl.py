@@ -164,6 +164,34 @@ def test_folders_and_single_files_load_and_save_both_ways(folders, torch_pipes, 
         assert rel_err(a, b) <= 1e-4
 
 
+def test_fp16_variant_folder_sharded_by_diffusers(torch_pipes, tmp_path):
+    """fp16 variant files as the released SDXL folders have them, here also sharded, written by diffusers itself
+    (save_pretrained(variant="fp16", max_shard_size=...): "<name>.fp16-0000k-of-0000n.safetensors" and
+    "<name>.safetensors.index.fp16.json" for the UNet and bigG): sdjax loads them, in float32, with the outputs
+    diffusers gives from the same files (1e-4)."""
+    import copy
+
+    import diffusers
+
+    import sdjax
+
+    folder = tmp_path / "fp16"
+    copy.deepcopy(torch_pipes["base"]).to(torch.float16).save_pretrained(str(folder), variant="fp16",
+                                                                         max_shard_size="1MB")
+    names = {part: sorted(p.name for p in (folder / part).iterdir() if p.suffix != ".txt" and p.name != "config.json")
+             for part in ("unet", "text_encoder_2")}
+    assert names == {part: [*(f"{file}.fp16-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)),
+                            f"{file}.safetensors.index.fp16.json"]
+                     for part, file, n in (("unet", "diffusion_pytorch_model", len(names["unet"]) - 1),
+                                           ("text_encoder_2", "model", len(names["text_encoder_2"]) - 1))}
+    assert len(names["unet"]) > 2 and len(names["text_encoder_2"]) > 2
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder), variant="fp16", torch_dtype=torch.float32)
+    ours = sdjax.load_pretrained(folder)
+    assert ours.unet.conv_in.kernel.dtype == jnp.float32 and ours.tokenizer_2.pad_token_id == 0
+    for a, b in zip(outputs_of_sdjax(ours), outputs_of_diffusers(theirs, ours.unet.config)):
+        assert rel_err(a, b) <= 1e-4
+
+
 SAMPLER = "DPM++ 2M Karras"
 NEGATIVE_MICRO = dict(negative_original_size=(16, 16), negative_crops_coords_top_left=(0, 4),
                       negative_target_size=(24, 24))

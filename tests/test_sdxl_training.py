@@ -131,8 +131,7 @@ def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, trai
     run = tmp_path / "run"
     config = sdxl_config(run, data, refiner, **{
         "model.dtype": "bfloat16", "model.remat": True, "train_text_encoder": True, "data.aesthetic_score": 5.5,
-        "ema.decay": 0.5, "optimizer.text_encoder_learning_rate": 1e-3, "export.formats": ("diffusers",),
-        "export.dtype": "float32"})
+        "ema.decay": 0.5, "optimizer.text_encoder_learning_rate": 1e-3})
     train_module.main(config)
     assert seen and all(ids.shape == (2, 5) and (ids[:, 4] == 5.5).all() for ids in seen)
     loss = losses(run)
@@ -143,6 +142,7 @@ def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, trai
     assert {k.split("'")[3] for k in state if k.startswith("['params']")} == set(start)  # the VAE stays frozen
 
     shutil.rmtree(run / "checkpoints" / "2")  # killed before step 2 was saved: the re-run resumes from step 1
+    config.export.update(formats=("diffusers",), dtype="float32")
     train_module.main(config)
     assert losses(run) == loss
     resumed = checkpoint_state(run, 2)

@@ -122,7 +122,9 @@ def read_weights(folder: Path, name: str) -> dict[str, np.ndarray]:
         if (folder / candidate).exists():
             return read_safetensors(folder / candidate)
     for index, reader in ((f"{name}.safetensors.index.json", read_safetensors),
-                          (f"{bin_name}.bin.index.json", read_torch_pickle)):
+                          (f"{name}.safetensors.index.fp16.json", read_safetensors),  # diffusers' sharded variant
+                          (f"{bin_name}.bin.index.json", read_torch_pickle),
+                          (f"{bin_name}.bin.index.fp16.json", read_torch_pickle)):
         if (folder / index).exists():
             shards = sorted(set(read_json(folder / index)["weight_map"].values()))
             out = {}
