@@ -287,7 +287,7 @@ def main(config, *, sample_fn=None) -> dict:
     trained_params = sum(np.size(x) for x in jax.tree.leaves(state["params"]))
     log.info("train state ready in %.1fs (%s parameters trained)", time.time() - t_start, f"{trained_params:,}")
     held, whole = sharding.bytes_per_device(state_abstract, state_shardings)
-    log.info("train state: %.1f MB on each device of %.1f MB (mesh.fsdp=%d)", held / 2**20, whole / 2**20,
+    log.info("train state: %.1f MB on each device of %.1f MB (mesh.fsdp=%d)", held / 1e6, whole / 1e6,
              mesh.shape["fsdp"])
     loss_fn = training.make_loss_fn(config, scheduler_config=models.scheduler_config,
                                     latent_scaling=models.vae_config.latent_scaling)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,8 +184,9 @@ def kill_on_exit(procs):
 
 @ON_THE_REFERENCE_WORKER
 def test_fsdp_over_two_processes_matches_one_device(tmp_path, cache_dir, tiny_sd1, reference):
-    """A (data=2, fsdp=2) mesh over 4 devices, 2 in each of two processes (gloo): the losses of steps 1-3 and the
-    train state of step 3 are the single-device reference run's (1e-5). (2 devices a process, not 4: the same
+    """A (data=2, fsdp=2) mesh over 4 devices, 2 in each of two processes (gloo): each device holds about half the
+    train state (train.py's log), and the losses of steps 1-3 and the train state of step 3 are the single-device
+    reference run's (1e-5). (2 devices a process, not 4: the same
     sharding across and within processes, with half the device threads on a 2-core machine.) Single-process data parallelism is
     test_cpu_devices_splits_the_cpu_and_matches_one_device."""
     with socket.socket() as s:
@@ -209,6 +211,9 @@ def test_fsdp_over_two_processes_matches_one_device(tmp_path, cache_dir, tiny_sd
             p.wait(timeout=400)
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log.read_text()[-3000:]
+    held, whole = map(float, re.search(r"train state: ([\d.]+) MB on each device of ([\d.]+) MB \(mesh.fsdp=2\)",
+                                       logs[0].read_text()).groups())
+    assert held < 0.6 * whole, (held, whole)  # about half: the arrays too small to split stay whole
     ref, got = losses(reference), losses(workdir)
     for step in (1, 2, 3):
         assert got[step] == pytest.approx(ref[step], rel=1e-5)
