@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import sdjax
+from sdjax.clip import sdxl_conditioning
+from sdjax.weights.safetensors_io import read_safetensors
 
 from tests import tiny_models
 from tests.test_train_script import cache_dir, checkpoint_state, losses, train_module, write_png  # noqa: F401
@@ -50,10 +52,12 @@ def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, 
     """LoRA on the UNet (both text encoders frozen, each caption encoded by both with its size ids), two steps with a
     checkpoint after each; then, as if killed before the second was saved, the checkpoint of step 2 is removed and
     train.py runs again: it resumes from step 1 and gives step 2's loss and train state (the adapters and their AdamW
-    moments) bit for bit. (Full fine-tuning and LoRA on both text encoders too, train_text_encoder, run the same step
-    with more trainable: each passed this test in full-suite runs before it was cut for the suite's time.)"""
+    moments) bit for bit. With train_text_encoder the adapters are on both text encoders too, and the exported files
+    (diffusers' and kohya's: lora_te1_ / lora_te2_ / lora_unet_) change both encoders' part of the context when loaded
+    on the base. (LoRA with the encoders frozen: test_cached_latents_train_as_the_images_do; whole-model training:
+    the refiner's test.)"""
     data, model = data_and_model
-    extra = {"lora.rank": 2, "ema.decay": 0.0}
+    extra = {"lora.rank": 2, "ema.decay": 0.0, "train_text_encoder": True}
     seen = []
     time_ids = train_module.training.sdxl_time_ids
 
@@ -77,8 +81,24 @@ def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, 
     assert any(row[2] + row[3] > 0 for _, ids in seen for row in ids)  # a random crop off the corner
 
     expected, expected_losses = checkpoint_state(run, 2), losses(run)
-    assert any("unet" in k for k in expected) and not any("text_encoder" in k for k in expected)
+    assert {k.split("'")[3] for k in expected if k.startswith("['params']")} == {"unet", "text_encoder",
+                                                                                 "text_encoder_2"}
     assert len(expected_losses) == 2
+    pipe = sdjax.load_pretrained(model)
+
+    def context():
+        encoders, tokenizers = (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
+        return np.asarray(sdxl_conditioning(encoders, [t(["a wide picture"]) for t in tokenizers])[0])
+    base = context()
+    for file, prefixes in (("pytorch_lora_weights", ("unet.", "text_encoder.", "text_encoder_2.")),
+                           (run.name, ("lora_unet_", "lora_te1_", "lora_te2_"))):
+        keys = read_safetensors(run / "lora" / f"{file}.safetensors").keys()
+        assert all(any(k.startswith(p) for k in keys) for p in prefixes), file
+        name = pipe.load_lora(run / "lora" / f"{file}.safetensors")
+        moved = np.abs(context() - base).max(axis=(0, 1))
+        pipe.set_lora_scale(name, 0.0)
+        width = pipe.text_encoder.config.hidden_size  # ViT-L's part of the context, then bigG's
+        assert moved[:width].max() > 0 and moved[width:].max() > 0, file
     shutil.rmtree(run / "checkpoints" / "2")
     resumed = train_module.main(sdxl_config(run, data, model, **extra))
     assert resumed["step"] == 2 and losses(run) == expected_losses
@@ -115,8 +135,6 @@ def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, trai
     trained modules move, the export is a refiner folder, and the run resumed after a kill gives the uninterrupted
     one's losses and train state bit for bit. (Its state over several devices: FSDP's arithmetic on
     the full-size model in tests/test_sdxl.py; a (data=2, fsdp=2) run over two processes in test_train_script.py.)"""
-    from sdjax.weights.safetensors_io import read_safetensors
-
     data, _ = data_and_model
     refiner = tmp_path / "tiny-refiner"
     tiny_models.tiny_sdxl_pipeline(tmp_path, refiner=True, text_layers=2).save_pretrained(str(refiner),
