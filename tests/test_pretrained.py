@@ -314,3 +314,29 @@ def test_abstract_module_matches_an_nnx_rngs_build():
         var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
         again = dict(nnx.to_flat_state(nnx.state(pretrained.abstract_module(cls, config, **kwargs), nnx.Param)))
         assert isinstance(again[path].get_value(), jax.ShapeDtypeStruct), path
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_large_tensors_convert_into_their_own_populated_buffers(dtype):
+    """A tensor of 1 MB or more that stays on the CPU is converted into its own mapping, faulted in at once (the
+    parity tests' tiny models have none that large): a linear and a conv weight, transposed and cast, give
+    numpy's transpose; below 1 MB, numpy's memory."""
+    import mmap
+
+    from sdjax.weights import torch_names
+
+    rng = np.random.default_rng(0)
+    cases = {"linear": (rng.standard_normal((1280, 1024)).astype(np.float32), (1, 0)),
+             "conv": (rng.standard_normal((320, 320, 3, 3)).astype(np.float32), (2, 3, 1, 0)),
+             "small": (rng.standard_normal((64, 96)).astype(np.float32), (1, 0))}
+    for name, (weight, axes) in cases.items():
+        view = torch_names._from_torch_layout("kernel", weight)
+        like = jax.ShapeDtypeStruct(view.shape, dtype)
+        buffer = torch_names._host_buffer(view.shape, np.dtype(dtype), stays=torch_names._on_cpu(like))
+        root = buffer
+        while isinstance(root, (np.ndarray, memoryview)):
+            root = root.base if isinstance(root, np.ndarray) else root.obj
+        assert isinstance(root, mmap.mmap) == (name != "small"), name
+        out = torch_names._place(view, like)
+        assert out.dtype == dtype and out.shape == weight.transpose(axes).shape
+        np.testing.assert_array_equal(np.asarray(out), weight.transpose(axes).astype(dtype))
