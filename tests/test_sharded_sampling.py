@@ -35,8 +35,8 @@ GENERATE = """
     c.checkpoint = "{checkpoint}"  # the tiny SD 1.x folder with one layer per block: quicker to compile than "tiny"
     pipe = jobs.load_model(c)
     prompts = ["a red circle", "a blue square", "a green triangle", "x", "y", "z", "u", "v"]
-    for invariant in (True, False):
-        for n, sizes in ((1, (1, 3, 8)), (8, (8,))):  # on 8 devices a batch of 1 or 3 is padded to 8 anyway
+    for invariant in (True, False):  # the default program: batch 1 against 8, 1 device against 8
+        for n, sizes in ((1, (1, 3, 8) if invariant else (1, 8)), (8, (8,))):  # 8 devices pad a batch of 1 or 3 to 8
             mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
             for size in sizes:
                 images = []
@@ -61,7 +61,7 @@ GENERATE = """
 def test_batch_size_and_device_count_do_not_change_the_images(tmp_path, tiny_sd1):
     """Image k is a function of its prompt, seed and index alone (each image has its own seed here):
     batch_invariant=True: bit-identical for batch sizes 1, 3, 8 on 1 and 8 devices. The default batched program: the
-    same up to float rounding, at most 1/255 (the README's claim). SDXL (its two encoders, size ids, zeros as the
+    same up to float rounding, at most 1/255 (the README's claim), for batches of 1 and 8 and on 1 and 8 devices. SDXL (its two encoders, size ids, zeros as the
     unconditional context), batch_invariant=True: a batch of 8 on 8 devices bit-identical to it on 1 (measured
     without batch_invariant: at most 1/255 too)."""
     run_python(GENERATE.format(out_dir=tmp_path, checkpoint=tiny_sd1), devices=8)
@@ -69,7 +69,7 @@ def test_batch_size_and_device_count_do_not_change_the_images(tmp_path, tiny_sd1
         ref = np.load(tmp_path / f"{invariant}-1-8.npy").astype(int)
         assert ref.shape == (8, 32, 32, 3) and ref.std() > 5
         assert all(not np.array_equal(ref[0], ref[k]) for k in range(1, 8))
-        for n, size in ((1, 1), (1, 3), (8, 8)):
+        for n, size in ((1, 1), (1, 3), (8, 8)) if invariant else ((1, 1), (8, 8)):
             diff = np.abs(np.load(tmp_path / f"{invariant}-{n}-{size}.npy").astype(int) - ref)
             print(f"batch_invariant={invariant}, {n} device(s), batches of {size}: max diff {diff.max()}, "
                   f"{(diff > 0).mean():.5f} of values differ")
