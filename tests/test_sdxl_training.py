@@ -49,13 +49,12 @@ def sdxl_config(workdir, data, model, **overrides):
 
 
 def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, data_and_model):
-    """LoRA on the UNet (both text encoders frozen, each caption encoded by both with its size ids), two steps with a
-    checkpoint after each; then, as if killed before the second was saved, the checkpoint of step 2 is removed and
-    train.py runs again: it resumes from step 1 and gives step 2's loss and train state (the adapters and their AdamW
-    moments) bit for bit. With train_text_encoder the adapters are on both text encoders too, and the exported files
-    (diffusers' and kohya's: lora_te1_ / lora_te2_ / lora_unet_) change both encoders' part of the context when loaded
-    on the base. (LoRA with the encoders frozen: test_cached_latents_train_as_the_images_do; whole-model training:
-    the refiner's test.)"""
+    """LoRA on the UNet and both text encoders (train_text_encoder; each caption encoded by both, with its size ids),
+    two steps with a checkpoint after each; then, as if killed before the second was saved, the checkpoint of step 2
+    is removed and train.py runs again: it resumes from step 1 and gives step 2's loss and train state (the adapters
+    and their AdamW moments) bit for bit. The exported files (diffusers' and kohya's: lora_te1_ / lora_te2_ /
+    lora_unet_) change both encoders' part of the context when loaded on the base. (LoRA with the encoders frozen:
+    test_cached_latents_train_as_the_images_do; whole-model training: the refiner's test.)"""
     data, model = data_and_model
     extra = {"lora.rank": 2, "ema.decay": 0.0, "train_text_encoder": True}
     seen = []
