@@ -1,16 +1,19 @@
 """train.py on SDXL: configs/finetune_sdxl.py on a tiny SDXL diffusers folder and a folder of captioned images of
 several sizes: each image's size ids come from its real size and crop; LoRA resumed after a kill gives the
 uninterrupted run's losses and train state; the cache of latents and encodings trains as the images do; the refiner
-fine-tuned whole (UNet and its text encoder) in bfloat16 with remat, its state sharded over two devices."""
+fine-tuned whole (UNet and its text encoder) in bfloat16 with remat resumes so too; the full-size base UNet's train
+state on 1 and 8 devices by train.py's FSDP rule."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import sdjax
 from sdjax.clip import sdxl_conditioning
+from sdjax.weights import diffusers_folder as df
 from sdjax.weights.safetensors_io import read_safetensors
 
 from tests import tiny_models
@@ -48,6 +51,37 @@ def sdxl_config(workdir, data, model, **overrides):
                                            "model.remat": False, **overrides})
 
 
+def record_time_ids(monkeypatch, train_module) -> list:
+    """Every host batch's size ids as train.py computes them: [(captions, aesthetic_score, ids)]."""
+    seen = []
+    time_ids = train_module.training.sdxl_time_ids
+
+    def spy(host, resolution, aesthetic_score):
+        seen.append((list(host["captions"]), aesthetic_score, time_ids(host, resolution, aesthetic_score)))
+        return seen[-1][2]
+    monkeypatch.setattr(train_module.training, "sdxl_time_ids", spy)
+    return seen
+
+
+def assert_resumes_after_losing_step_2(train_module, config):
+    """As if killed before step 2 was saved: its checkpoint is removed and train.py runs `config` again; it resumes
+    from step 1 and gives step 2's loss and whole train state (parameters, AdamW moments, EMA) bit for bit."""
+    run = Path(config.workdir)
+    expected, expected_losses = checkpoint_state(run, 2), losses(run)
+    shutil.rmtree(run / "checkpoints" / "2")
+    resumed = train_module.main(config)
+    assert resumed["step"] == 2 and losses(run) == expected_losses
+    state = checkpoint_state(run, 2)
+    assert state.keys() == expected.keys()
+    for key in state:
+        np.testing.assert_array_equal(state[key], expected[key], err_msg=key)
+
+
+def module_weights(folder, module: str) -> dict:
+    """A diffusers folder's module weights (text_encoder_2 is named as text_encoder)."""
+    return df.read_weights(Path(folder) / module, df.WEIGHT_NAMES[module.removesuffix("_2")])
+
+
 def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, data_and_model):
     """LoRA on the UNet and both text encoders (train_text_encoder; each caption encoded by both, with its size ids),
     two steps with a checkpoint after each; then, as if killed before the second was saved, the checkpoint of step 2
@@ -57,19 +91,13 @@ def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, 
     test_cached_latents_train_as_the_images_do; whole-model training: the refiner's test.)"""
     data, model = data_and_model
     extra = {"lora.rank": 2, "ema.decay": 0.0, "train_text_encoder": True}
-    seen = []
-    time_ids = train_module.training.sdxl_time_ids
-
-    def spy(host, resolution, aesthetic_score):
-        assert aesthetic_score is None  # the base: 6 size ids
-        out = time_ids(host, resolution, aesthetic_score)
-        seen.append((list(host["captions"]), out))
-        return out
-    monkeypatch.setattr(train_module.training, "sdxl_time_ids", spy)
+    seen = record_time_ids(monkeypatch, train_module)
     run = tmp_path / "run"
-    whole = train_module.main(sdxl_config(run, data, model, **extra))
+    config = sdxl_config(run, data, model, **extra)
+    whole = train_module.main(config)
     assert whole["step"] == 2 and np.isfinite(whole["loss"])
-    for captions, ids in seen:  # original (height, width), crop corner in the resized image, target 32 x 32
+    assert seen and all(score is None for _, score, _ in seen)  # the base: 6 size ids
+    for captions, _, ids in seen:  # original (height, width), crop corner in the resized image, target 32 x 32
         for caption, row in zip(captions, ids):
             height, width = next(size for name, size in SIZES.items() if name[2:] in caption)
             scale = 32 / min(width, height)
@@ -77,12 +105,11 @@ def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, 
             assert tuple(row[:2]) == (height, width) and tuple(row[4:]) == (32, 32)
             top, left = row[2:4]  # left: the resized width minus left after a flip, as diffusers
             assert 0 <= top <= resized[0] - 32 and 0 <= left <= resized[1]
-    assert any(row[2] + row[3] > 0 for _, ids in seen for row in ids)  # a random crop off the corner
+    assert any(row[2] + row[3] > 0 for _, _, ids in seen for row in ids)  # a random crop off the corner
 
-    expected, expected_losses = checkpoint_state(run, 2), losses(run)
-    assert {k.split("'")[3] for k in expected if k.startswith("['params']")} == {"unet", "text_encoder",
-                                                                                 "text_encoder_2"}
-    assert len(expected_losses) == 2
+    state = checkpoint_state(run, 2)
+    assert {k.split("'")[3] for k in state if k.startswith("['params']")} == {"unet", "text_encoder", "text_encoder_2"}
+    assert len(losses(run)) == 2
     pipe = sdjax.load_pretrained(model)
 
     def context():
@@ -98,19 +125,13 @@ def test_lora_resumes_exactly_after_a_kill(tmp_path, monkeypatch, train_module, 
         pipe.set_lora_scale(name, 0.0)
         width = pipe.text_encoder.config.hidden_size  # ViT-L's part of the context, then bigG's
         assert moved[:width].max() > 0 and moved[width:].max() > 0, file
-    shutil.rmtree(run / "checkpoints" / "2")
-    resumed = train_module.main(sdxl_config(run, data, model, **extra))
-    assert resumed["step"] == 2 and losses(run) == expected_losses
-    state = checkpoint_state(run, 2)
-    assert state.keys() == expected.keys()
-    for key in state:
-        np.testing.assert_array_equal(state[key], expected[key], err_msg=key)
+    assert_resumes_after_losing_step_2(train_module, config)
 
 
 def test_cached_latents_train_as_the_images_do(tmp_path, train_module, data_and_model):
     """data.cache_latents=True on SDXL: the latents, both encoders' context, the pooled embedding and each image's size
-    ids (of the center crop) are computed once; with caption dropout 0.5 (a dropped caption takes the empty caption's context and pooled
-    embedding) the two steps' losses are those of the run that encodes in the step (1e-5), and the train state ends
+    ids (of the center crop) are computed once; with caption dropout 0.5 (a dropped caption takes the empty caption's
+    context and pooled embedding) the two steps' losses are those of the run that encodes in the step (1e-5), and the train state ends
     the same to 1e-3 of each tensor's largest value (measured 2.0e-4, in a LoRA up-projection: it starts at zero and
     AdamW's first steps divide gradients near its eps by their own size, which magnifies float rounding)."""
     data, model = data_and_model
@@ -133,42 +154,28 @@ def test_refiner_trains_whole_in_bfloat16_with_remat(tmp_path, monkeypatch, trai
     score, data.aesthetic_score, for the target size), with its text encoder trained too: the loss is finite, both
     trained modules move, the export is a refiner folder, and the run resumed after a kill gives the uninterrupted
     one's losses and train state bit for bit. (Its state over several devices: FSDP's arithmetic on
-    the full-size model in tests/test_sdxl.py; a (data=2, fsdp=2) run over two processes in test_train_script.py.)"""
+    the full-size model below; a (data=2, fsdp=2) run over two processes in test_train_script.py.)"""
     data, _ = data_and_model
     refiner = tmp_path / "tiny-refiner"
     tiny_models.tiny_sdxl_pipeline(tmp_path, refiner=True, text_layers=2).save_pretrained(str(refiner),
                                                                                          safe_serialization=True)
-    seen = []
-    time_ids = train_module.training.sdxl_time_ids
-
-    def spy(host, resolution, aesthetic_score):
-        seen.append(time_ids(host, resolution, aesthetic_score))
-        return seen[-1]
-    monkeypatch.setattr(train_module.training, "sdxl_time_ids", spy)
+    seen = record_time_ids(monkeypatch, train_module)
     run = tmp_path / "run"
     config = sdxl_config(run, data, refiner, **{
         "model.dtype": "bfloat16", "model.remat": True, "train_text_encoder": True, "data.aesthetic_score": 5.5,
         "ema.decay": 0.5, "optimizer.text_encoder_learning_rate": 1e-3})
     train_module.main(config)
-    assert seen and all(ids.shape == (2, 5) and (ids[:, 4] == 5.5).all() for ids in seen)
+    assert seen and all(ids.shape == (2, 5) and (ids[:, 4] == 5.5).all() for _, _, ids in seen)
     loss = losses(run)
     assert sorted(loss) == [1, 2] and all(np.isfinite(v) for v in loss.values())
-    start = {"unet": read_safetensors(refiner / "unet" / "diffusion_pytorch_model.safetensors"),
-             "text_encoder_2": read_safetensors(refiner / "text_encoder_2" / "model.safetensors")}
+    start = {module: module_weights(refiner, module) for module in ("unet", "text_encoder_2")}
     state = checkpoint_state(run, 2)
     assert {k.split("'")[3] for k in state if k.startswith("['params']")} == set(start)  # the VAE stays frozen
 
-    shutil.rmtree(run / "checkpoints" / "2")  # killed before step 2 was saved: the re-run resumes from step 1
-    config.export.update(formats=("diffusers",), dtype="float32")
-    train_module.main(config)
-    assert losses(run) == loss
-    resumed = checkpoint_state(run, 2)
-    assert resumed.keys() == state.keys()
-    for key in state:  # parameters, AdamW moments and EMA, bit for bit
-        np.testing.assert_array_equal(resumed[key], state[key], err_msg=key)
+    config.export.update(formats=("diffusers",), dtype="float32")  # the resumed run exports
+    assert_resumes_after_losing_step_2(train_module, config)
     for module, weights in start.items():  # the export (the EMA) of each trained module moved
-        name = "diffusion_pytorch_model" if module == "unet" else "model"
-        exported = read_safetensors(run / "export" / module / f"{name}.safetensors")
+        exported = module_weights(run / "export", module)
         assert exported.keys() == weights.keys()
         assert any(not np.array_equal(exported[k], weights[k]) for k in exported), module
     pipe = sdjax.load_pretrained(run / "export")

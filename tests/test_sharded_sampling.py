@@ -61,9 +61,9 @@ GENERATE = """
 def test_batch_size_and_device_count_do_not_change_the_images(tmp_path, tiny_sd1):
     """Image k is a function of its prompt, seed and index alone (each image has its own seed here):
     batch_invariant=True: bit-identical for batch sizes 1, 3, 8 on 1 and 8 devices. The default batched program: the
-    same up to float rounding, at most 1/255 (the README's claim), for batches of 1 and 8 and on 1 and 8 devices. SDXL (its two encoders, size ids, zeros as the
-    unconditional context), batch_invariant=True: a batch of 8 on 8 devices bit-identical to it on 1 (measured
-    without batch_invariant: at most 1/255 too)."""
+    same up to float rounding, at most 1/255 (the README's claim), for batches of 1 and 8 and on 1 and 8 devices.
+    SDXL (its two encoders, size ids, zeros as the unconditional context), batch_invariant=True: a batch of 8 on 8
+    devices bit-identical to it on 1 (measured without batch_invariant: at most 1/255 too)."""
     run_python(GENERATE.format(out_dir=tmp_path, checkpoint=tiny_sd1), devices=8)
     for invariant in (True, False):
         ref = np.load(tmp_path / f"{invariant}-1-8.npy").astype(int)

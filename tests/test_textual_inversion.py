@@ -255,7 +255,8 @@ def test_other_files(tmp_path):
     torch.save({"<x>": torch.zeros(2, 3, 4)}, tmp_path / "rank3.bin")
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html>not found</html>")
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
-    for name, message in [("sdxl.safetensors", "clip_l holds 1 vectors, clip_g 2; an SDXL embedding holds the same"), ("two.pt", r"holds \['#', '\*'\]"),
+    for name, message in [("sdxl.safetensors", "clip_l holds 1 vectors, clip_g 2; an SDXL embedding holds the same"),
+                          ("two.pt", r"holds \['#', '\*'\]"),
                           ("keys.safetensors", r"expected one tensor .* found \['a', 'b'\]"),
                           ("rank3.bin", r"shape \(2, 3, 4\); expected float vectors of shape \(n, width\)"),
                           ("page.pt", "is an HTML page"), ("image.png", "PNG / WebP images are not read"),

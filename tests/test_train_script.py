@@ -186,8 +186,8 @@ def kill_on_exit(procs):
 def test_fsdp_over_two_processes_matches_one_device(tmp_path, cache_dir, tiny_sd1, reference):
     """A (data=2, fsdp=2) mesh over 4 devices, 2 in each of two processes (gloo): each device holds about half the
     train state (train.py's log), and the losses of steps 1-3 and the train state of step 3 are the single-device
-    reference run's (1e-5). (2 devices a process, not 4: the same
-    sharding across and within processes, with half the device threads on a 2-core machine.) Single-process data parallelism is
+    reference run's (1e-5). (2 devices a process, not 4: the same sharding across and within processes, with half the
+    device threads on a 2-core machine.) Single-process data parallelism is
     test_cpu_devices_splits_the_cpu_and_matches_one_device."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
